@@ -1,0 +1,81 @@
+//! `GET /v2/_catalog` (what Kura has cached) and `GET /v2/<name>/tags/list`,
+//! both with `n`/`last` paging and a `Link` header to the next page.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::error::{ApiError, ErrorCode};
+use crate::cache::Cache;
+use crate::cache::tags::{Page, paginate};
+use crate::reference::RepoName;
+
+/// `n` and `last` from a query string.
+struct Paging {
+    n: Option<usize>,
+    last: Option<String>,
+}
+
+fn parse_paging(query: &str) -> Result<Paging, ApiError> {
+    let mut paging = Paging {
+        n: None,
+        last: None,
+    };
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "n" => {
+                let n = value.parse().map_err(|_| {
+                    ApiError::new(
+                        ErrorCode::PaginationNumberInvalid,
+                        "n must be a non-negative integer",
+                    )
+                })?;
+                paging.n = Some(n);
+            }
+            "last" => paging.last = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    Ok(paging)
+}
+
+pub async fn catalog(cache: &Arc<Cache>, query: &str) -> Result<Response, ApiError> {
+    let paging = parse_paging(query)?;
+    let repositories = cache
+        .storage()
+        .list_repositories()
+        .await
+        .map_err(|e| ApiError::internal(format!("listing repositories: {e}")))?;
+    let page = paginate(repositories, paging.n, paging.last.as_deref());
+    let body = json!({ "repositories": page.items });
+    Ok(with_next_link("/v2/_catalog", &page, paging.n, body))
+}
+
+pub async fn tags(cache: &Arc<Cache>, name: &RepoName, query: &str) -> Result<Response, ApiError> {
+    let paging = parse_paging(query)?;
+    let page = cache.tags(name, paging.n, paging.last.as_deref()).await?;
+    let body = json!({ "name": name.as_str(), "tags": page.items });
+    Ok(with_next_link(
+        &format!("/v2/{name}/tags/list"),
+        &page,
+        paging.n,
+        body,
+    ))
+}
+
+fn with_next_link(path: &str, page: &Page, n: Option<usize>, body: serde_json::Value) -> Response {
+    let mut response = axum::Json(body).into_response();
+    if let (true, Some(last), Some(n)) = (page.more, page.items.last(), n) {
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("last", last)
+            .append_pair("n", &n.to_string())
+            .finish();
+        let link = format!("<{path}?{query}>; rel=\"next\"");
+        if let Ok(value) = HeaderValue::from_str(&link) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    response
+}

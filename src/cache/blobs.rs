@@ -1,0 +1,372 @@
+//! Blobs: served from storage when committed; otherwise one shared upstream
+//! download per digest that writes to a staging file at upstream speed while
+//! every client follows that file at its own pace.
+//!
+//! The download keeps its most recent chunk unreadable until the digest is
+//! verified, so a client can never receive a complete-looking body whose
+//! digest is wrong: on mismatch or truncation its transfer is cut short.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use tokio::fs::File;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{Mutex, watch};
+
+use super::{Cache, storage_error, upstream_error};
+use crate::api::error::{ApiError, ErrorCode};
+use crate::reference::{Digest, RepoName};
+use crate::storage::StagedBlob;
+use crate::upstream::content_length;
+
+/// Read size when serving; large enough to keep syscalls cheap.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// How far a shared download has got.
+#[derive(Debug, Clone)]
+enum Progress {
+    Connecting,
+    Streaming { total: Option<u64>, readable: u64 },
+    Complete { total: u64 },
+    Failed(ApiError),
+}
+
+struct Download {
+    staging_path: PathBuf,
+    progress: watch::Receiver<Progress>,
+}
+
+/// Downloads in flight, by digest.
+#[derive(Default)]
+pub struct Downloads {
+    in_flight: Mutex<HashMap<Digest, Arc<Download>>>,
+}
+
+/// A blob's size as far as known without downloading it.
+pub struct BlobStat {
+    pub size: Option<u64>,
+    pub cache_hit: bool,
+}
+
+/// An open blob, ready to stream any byte range.
+pub struct BlobBody {
+    file: File,
+    /// Known size: always for committed blobs; for a live download once
+    /// the upstream sent `Content-Length`.
+    pub size: Option<u64>,
+    /// `None` when the blob is committed: everything is readable.
+    progress: Option<watch::Receiver<Progress>>,
+    pub cache_hit: bool,
+}
+
+impl Cache {
+    /// Size of a blob for HEAD: never downloads the blob.
+    pub async fn blob_stat(&self, name: &RepoName, digest: &Digest) -> Result<BlobStat, ApiError> {
+        if let Some(size) = self
+            .storage
+            .blob_size(digest)
+            .await
+            .map_err(storage_error)?
+        {
+            return Ok(BlobStat {
+                size: Some(size),
+                cache_hit: true,
+            });
+        }
+        if let Some(download) = self.downloads.in_flight.lock().await.get(digest)
+            && let Progress::Streaming {
+                total: Some(total), ..
+            } = *download.progress.borrow()
+        {
+            return Ok(BlobStat {
+                size: Some(total),
+                cache_hit: true,
+            });
+        }
+        let size = self
+            .upstream
+            .head_blob(name, digest)
+            .await
+            .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
+        Ok(BlobStat {
+            size,
+            cache_hit: false,
+        })
+    }
+
+    /// Opens a blob for streaming: from storage, or by starting or joining
+    /// the shared download.
+    pub async fn open_blob(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<BlobBody, ApiError> {
+        if let Some(body) = self.open_committed(digest).await? {
+            return Ok(body);
+        }
+        let download = {
+            let mut in_flight = self.downloads.in_flight.lock().await;
+            match in_flight.get(digest) {
+                Some(download) => download.clone(),
+                // Re-checked under the lock: a download that finished since
+                // the first check committed the blob before leaving the map.
+                None => match self.open_committed(digest).await? {
+                    Some(body) => return Ok(body),
+                    None => {
+                        let download = self.start_download(name, digest).await?;
+                        in_flight.insert(digest.clone(), download.clone());
+                        download
+                    }
+                },
+            }
+        };
+        self.follow(&download, digest).await
+    }
+
+    async fn open_committed(&self, digest: &Digest) -> Result<Option<BlobBody>, ApiError> {
+        let opened = self
+            .storage
+            .open_blob(digest)
+            .await
+            .map_err(storage_error)?;
+        Ok(opened.map(|(file, size)| BlobBody {
+            file,
+            size: Some(size),
+            progress: None,
+            cache_hit: true,
+        }))
+    }
+
+    async fn start_download(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<Arc<Download>, ApiError> {
+        let staged = self.storage.stage_blob().await.map_err(storage_error)?;
+        let (progress_tx, progress) = watch::channel(Progress::Connecting);
+        let download = Arc::new(Download {
+            staging_path: staged.path().to_owned(),
+            progress,
+        });
+        let this = self.clone();
+        let (name, digest) = (name.clone(), digest.clone());
+        // Spawned, not driven by the requesting client: the cache fills even
+        // if every client disconnects.
+        tokio::spawn(async move {
+            let outcome = this.download(&name, &digest, staged, &progress_tx).await;
+            let final_state = match outcome {
+                Ok(total) => Progress::Complete { total },
+                Err(err) => {
+                    tracing::warn!(%name, %digest, error = %err, "blob download failed; nothing committed");
+                    Progress::Failed(err)
+                }
+            };
+            progress_tx.send_replace(final_state);
+            this.downloads.in_flight.lock().await.remove(&digest);
+        });
+        Ok(download)
+    }
+
+    async fn download(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        mut staged: StagedBlob,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<u64, ApiError> {
+        match self
+            .stream_to_staging(name, digest, &mut staged, progress)
+            .await
+        {
+            Ok(()) => {
+                let total = staged.written();
+                staged.commit(digest).await.map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!("upstream blob rejected: {e}"),
+                    )
+                })?;
+                tracing::info!(%name, %digest, bytes = total, "blob cached");
+                Ok(total)
+            }
+            Err(err) => {
+                staged.discard().await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn stream_to_staging(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        staged: &mut StagedBlob,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<(), ApiError> {
+        let response = self
+            .upstream
+            .get_blob(name, digest)
+            .await
+            .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
+        let total = content_length(response.headers());
+        progress.send_replace(Progress::Streaming { total, readable: 0 });
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| transfer_failed(format!("upstream transfer failed: {e}")))?;
+            if total.is_some_and(|total| staged.written() + chunk.len() as u64 > total) {
+                return Err(transfer_failed(
+                    "upstream sent more than its Content-Length".into(),
+                ));
+            }
+            staged.write(&chunk).await.map_err(storage_error)?;
+            // The newest chunk stays unreadable until the digest is checked.
+            let readable = staged.written() - chunk.len() as u64;
+            progress.send_replace(Progress::Streaming { total, readable });
+        }
+        if total.is_some_and(|total| staged.written() != total) {
+            return Err(transfer_failed(
+                "upstream body shorter than its Content-Length".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Attaches to a download once the upstream has answered.
+    async fn follow(&self, download: &Download, digest: &Digest) -> Result<BlobBody, ApiError> {
+        let mut progress = download.progress.clone();
+        let state = progress
+            .wait_for(|p| !matches!(p, Progress::Connecting))
+            .await
+            .map(|p| p.clone())
+            .unwrap_or_else(|_| Progress::Failed(ApiError::internal("download vanished")));
+        let size = match state {
+            Progress::Failed(err) => return Err(err),
+            Progress::Complete { .. } => return self.committed_or_gone(digest).await,
+            Progress::Streaming { total, .. } => total,
+            Progress::Connecting => unreachable!("waited for a later state"),
+        };
+        match File::open(&download.staging_path).await {
+            Ok(file) => Ok(BlobBody {
+                file,
+                size,
+                progress: Some(progress),
+                cache_hit: false,
+            }),
+            // The download finished (renamed or removed its staging file)
+            // between the state check and the open.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.committed_or_gone(digest).await,
+            Err(e) => Err(storage_error(e)),
+        }
+    }
+
+    async fn committed_or_gone(&self, digest: &Digest) -> Result<BlobBody, ApiError> {
+        self.open_committed(digest)
+            .await?
+            .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "blob download failed; try again"))
+    }
+}
+
+fn transfer_failed(message: String) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, message)
+}
+
+impl BlobBody {
+    /// Streams bytes `start..end` (end exclusive; `None` = to the end).
+    /// A failed download ends the stream with an error, which aborts the
+    /// client's transfer.
+    pub async fn into_stream(
+        mut self,
+        start: u64,
+        end: Option<u64>,
+    ) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send + 'static> {
+        if start > 0 {
+            self.file.seek(io::SeekFrom::Start(start)).await?;
+        }
+        let end = end.or(self.size);
+        let reader = Follower {
+            file: self.file,
+            pos: start,
+            end,
+            progress: self.progress,
+        };
+        Ok(futures_util::stream::unfold(
+            reader,
+            |mut reader| async move { reader.next_chunk().await.map(|chunk| (chunk, reader)) },
+        ))
+    }
+}
+
+struct Follower {
+    file: File,
+    pos: u64,
+    end: Option<u64>,
+    progress: Option<watch::Receiver<Progress>>,
+}
+
+impl Follower {
+    async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        loop {
+            if self.end.is_some_and(|end| self.pos >= end) {
+                return None;
+            }
+            let readable = match self.readable_until() {
+                Ok(readable) => readable,
+                Err(err) => return Some(Err(err)),
+            };
+            let limit = match (readable, self.end) {
+                (Some(readable), Some(end)) => Some(readable.min(end)),
+                (readable, end) => readable.or(end),
+            };
+            match limit {
+                Some(limit) if self.pos < limit => return Some(self.read(limit - self.pos).await),
+                // Committed and fully read, or a finished download of unknown size.
+                _ if self.is_complete() => return None,
+                _ => {}
+            }
+            let progress = self.progress.as_mut().expect("only live downloads wait");
+            if progress.changed().await.is_err() && !self.is_complete() {
+                return Some(Err(io::Error::other("blob download ended unexpectedly")));
+            }
+        }
+    }
+
+    /// How far the file may be read now; `None` means "no limit known".
+    fn readable_until(&self) -> io::Result<Option<u64>> {
+        let Some(progress) = &self.progress else {
+            return Ok(None);
+        };
+        match &*progress.borrow() {
+            Progress::Connecting => Ok(Some(0)),
+            Progress::Streaming { readable, .. } => Ok(Some(*readable)),
+            Progress::Complete { total } => Ok(Some(*total)),
+            Progress::Failed(err) => Err(io::Error::other(err.to_string())),
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        match &self.progress {
+            None => true,
+            Some(progress) => matches!(*progress.borrow(), Progress::Complete { .. }),
+        }
+    }
+
+    async fn read(&mut self, available: u64) -> io::Result<Bytes> {
+        let len = available.min(READ_CHUNK as u64) as usize;
+        let mut buf = BytesMut::zeroed(len);
+        let n = self.file.read(&mut buf).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob shorter than expected",
+            ));
+        }
+        buf.truncate(n);
+        self.pos += n as u64;
+        Ok(buf.freeze())
+    }
+}

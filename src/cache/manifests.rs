@@ -1,0 +1,242 @@
+//! Manifests: by digest they are immutable and cached forever; by tag they
+//! are served from cache for `tagttl`, then revalidated with a HEAD and
+//! fetched again only if the digest changed. When the upstream fails, a
+//! cached tag is served stale.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use super::{Cache, storage_error, upstream_error};
+use crate::api::error::{ApiError, ErrorCode};
+use crate::reference::{Digest, Reference, RepoName, Tag};
+use crate::storage::index::TagLink;
+
+/// Media type assumed when neither the upstream nor the manifest says.
+const DEFAULT_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+    /// Served from cache because the upstream could not confirm the tag.
+    pub stale: bool,
+    /// Whether it was already cached (for the access log).
+    pub cache_hit: bool,
+}
+
+impl Cache {
+    pub async fn manifest(
+        self: &Arc<Self>,
+        name: &RepoName,
+        reference: &Reference,
+    ) -> Result<Manifest, ApiError> {
+        match reference {
+            Reference::Digest(digest) => self.manifest_by_digest(name, digest).await,
+            Reference::Tag(tag) => self.manifest_by_tag(name, tag).await,
+        }
+    }
+
+    async fn manifest_by_digest(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<Manifest, ApiError> {
+        if let Some(manifest) = self.cached_manifest(name, digest).await? {
+            return Ok(manifest);
+        }
+        let this = self.clone();
+        let (name, digest) = (name.clone(), digest.clone());
+        let key = (name.clone(), digest.clone());
+        self.digest_flights
+            .run(key, move || async move {
+                let reference = digest.to_string();
+                let manifest = this.fetch_manifest(&name, &reference).await?;
+                if manifest.digest != digest {
+                    return Err(bad_upstream_digest(&name, &reference));
+                }
+                Ok(manifest)
+            })
+            .await
+    }
+
+    async fn manifest_by_tag(
+        self: &Arc<Self>,
+        name: &RepoName,
+        tag: &Tag,
+    ) -> Result<Manifest, ApiError> {
+        let link = self
+            .storage
+            .tag_link(name, tag)
+            .await
+            .map_err(storage_error)?;
+        if let Some(link) = &link
+            && self.is_fresh(link)
+            && let Some(manifest) = self.cached_manifest(name, &link.digest).await?
+        {
+            return Ok(manifest);
+        }
+        let this = self.clone();
+        let key = (name.clone(), tag.clone());
+        let (name, tag) = key.clone();
+        self.tag_flights
+            .run(key, move || async move {
+                this.revalidate_tag(&name, &tag, link).await
+            })
+            .await
+    }
+
+    fn is_fresh(&self, link: &TagLink) -> bool {
+        SystemTime::now()
+            .duration_since(link.confirmed_at)
+            .is_ok_and(|age| age < self.tag_ttl)
+    }
+
+    /// Asks the upstream (HEAD, which Docker Hub does not count against pull
+    /// limits) whether the tag still points where the cache thinks.
+    async fn revalidate_tag(
+        &self,
+        name: &RepoName,
+        tag: &Tag,
+        link: Option<TagLink>,
+    ) -> Result<Manifest, ApiError> {
+        let result = match self.upstream.head_manifest(name, tag.as_str()).await {
+            Ok(meta) => match meta.digest {
+                Some(digest) => match self.cached_manifest(name, &digest).await? {
+                    Some(manifest) => Ok(manifest),
+                    None => self.fetch_manifest(name, tag.as_str()).await,
+                },
+                None => self.fetch_manifest(name, tag.as_str()).await,
+            },
+            Err(err) if err.is_not_found() => {
+                self.storage
+                    .remove_tag(name, tag)
+                    .await
+                    .map_err(storage_error)?;
+                return Err(upstream_error(&err, ErrorCode::ManifestUnknown));
+            }
+            Err(err) => Err(upstream_error(&err, ErrorCode::ManifestUnknown)),
+        };
+        match result {
+            Ok(manifest) => {
+                self.storage
+                    .set_tag(name, tag, &manifest.digest)
+                    .await
+                    .map_err(storage_error)?;
+                Ok(manifest)
+            }
+            Err(err) => self.serve_stale(name, tag, link, err).await,
+        }
+    }
+
+    /// Falls back to the cached resolution of a tag when the upstream
+    /// cannot answer; a 404 (`MANIFEST_UNKNOWN`) is never papered over.
+    async fn serve_stale(
+        &self,
+        name: &RepoName,
+        tag: &Tag,
+        link: Option<TagLink>,
+        err: ApiError,
+    ) -> Result<Manifest, ApiError> {
+        if err.code == ErrorCode::ManifestUnknown {
+            return Err(err);
+        }
+        let Some(link) = link else {
+            return Err(err);
+        };
+        match self.cached_manifest(name, &link.digest).await? {
+            Some(manifest) => {
+                tracing::warn!(%name, %tag, error = %err, "upstream failed; serving cached tag");
+                Ok(Manifest {
+                    stale: true,
+                    ..manifest
+                })
+            }
+            None => Err(err),
+        }
+    }
+
+    async fn cached_manifest(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<Manifest>, ApiError> {
+        let Some(media_type) = self
+            .storage
+            .manifest_media_type(name, digest)
+            .await
+            .map_err(storage_error)?
+        else {
+            return Ok(None);
+        };
+        let Some(bytes) = self
+            .storage
+            .read_blob(digest)
+            .await
+            .map_err(storage_error)?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Manifest {
+            digest: digest.clone(),
+            media_type,
+            bytes: bytes.into(),
+            stale: false,
+            cache_hit: true,
+        }))
+    }
+
+    /// GETs a manifest, checks it against the upstream's stated digest, and
+    /// stores it (blob first, then the repository link).
+    async fn fetch_manifest(&self, name: &RepoName, reference: &str) -> Result<Manifest, ApiError> {
+        let (meta, bytes) = self
+            .upstream
+            .get_manifest(name, reference)
+            .await
+            .map_err(|e| upstream_error(&e, ErrorCode::ManifestUnknown))?;
+        let digest = Digest::of_bytes(&bytes);
+        if meta.digest.as_ref().is_some_and(|stated| stated != &digest) {
+            return Err(bad_upstream_digest(name, reference));
+        }
+        let media_type = meta
+            .media_type
+            .filter(|t| !t.is_empty() && t != "application/octet-stream")
+            .or_else(|| embedded_media_type(&bytes))
+            .unwrap_or_else(|| DEFAULT_MEDIA_TYPE.to_owned());
+        self.storage
+            .put_blob_bytes(&digest, &bytes)
+            .await
+            .map_err(storage_error)?;
+        self.storage
+            .link_manifest(name, &digest, &media_type)
+            .await
+            .map_err(storage_error)?;
+        Ok(Manifest {
+            digest,
+            media_type,
+            bytes,
+            stale: false,
+            cache_hit: false,
+        })
+    }
+}
+
+/// The `mediaType` field inside the manifest JSON, if present.
+fn embedded_media_type(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(bytes).ok()?.media_type
+}
+
+fn bad_upstream_digest(name: &RepoName, reference: &str) -> ApiError {
+    tracing::error!(%name, reference, "upstream manifest does not match its digest; not cached");
+    ApiError::new(
+        ErrorCode::Unavailable,
+        "upstream registry sent a manifest that does not match its digest",
+    )
+}

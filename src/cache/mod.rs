@@ -1,0 +1,92 @@
+//! The pull-through logic between the HTTP API and storage/upstream:
+//! answer from storage when possible, otherwise fetch once from upstream
+//! (shared by concurrent requests), verify, store, and serve.
+//!
+//! - [`manifests`]: manifests by digest and by tag, tag freshness, stale serving.
+//! - [`blobs`]: blob downloads that stream to clients while filling the cache.
+//! - [`tags`]: tag lists, from upstream or from what is cached.
+
+pub mod blobs;
+pub mod manifests;
+pub mod singleflight;
+pub mod tags;
+
+use std::time::Duration;
+
+use crate::api::error::{ApiError, ErrorCode};
+use crate::reference::{Digest, RepoName, Tag};
+use crate::storage::Storage;
+use crate::upstream::{Upstream, UpstreamError};
+
+pub use blobs::{BlobBody, BlobStat};
+pub use manifests::Manifest;
+
+pub struct Cache {
+    storage: Storage,
+    upstream: Upstream,
+    tag_ttl: Duration,
+    tag_flights: singleflight::Flights<(RepoName, Tag), Result<Manifest, ApiError>>,
+    digest_flights: singleflight::Flights<(RepoName, Digest), Result<Manifest, ApiError>>,
+    downloads: blobs::Downloads,
+}
+
+impl Cache {
+    pub fn new(storage: Storage, upstream: Upstream, tag_ttl: Duration) -> Self {
+        Self {
+            storage,
+            upstream,
+            tag_ttl,
+            tag_flights: Default::default(),
+            digest_flights: Default::default(),
+            downloads: Default::default(),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+}
+
+/// Translates an upstream failure into what the client is told.
+/// `not_found` is the code for a 404 (`MANIFEST_UNKNOWN`, `BLOB_UNKNOWN`, ...).
+fn upstream_error(err: &UpstreamError, not_found: ErrorCode) -> ApiError {
+    match err {
+        UpstreamError::Unreachable(reason) => {
+            tracing::warn!(%reason, "upstream unreachable");
+            ApiError::new(
+                ErrorCode::Unavailable,
+                "upstream registry unreachable and content not cached",
+            )
+        }
+        UpstreamError::Status {
+            status,
+            retry_after,
+        } => {
+            let (code, message) = match status {
+                401 => (
+                    ErrorCode::Unauthorized,
+                    "upstream registry refused Kura's credentials",
+                ),
+                403 => (ErrorCode::Denied, "upstream registry denied access"),
+                404 => (not_found, "not found in the upstream registry"),
+                429 => (
+                    ErrorCode::TooManyRequests,
+                    "upstream registry rate limit reached",
+                ),
+                _ => (
+                    ErrorCode::Unavailable,
+                    "upstream registry failed and content not cached",
+                ),
+            };
+            tracing::warn!(status, "upstream error");
+            ApiError {
+                retry_after: *retry_after,
+                ..ApiError::new(code, message)
+            }
+        }
+    }
+}
+
+fn storage_error(err: impl std::fmt::Display) -> ApiError {
+    ApiError::internal(format!("storage: {err}"))
+}

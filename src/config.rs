@@ -1,0 +1,526 @@
+//! Configuration, read the way Distribution reads it: a YAML file, then
+//! `REGISTRY_*` environment overrides (`REGISTRY_` + the upper-case key path
+//! joined by `_`), then Kura's command-line flags on top.
+//!
+//! Keys Kura does not implement are accepted and reported once as ignored;
+//! a key it does implement with an invalid value is a startup error naming
+//! the key.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::Url;
+use serde_yaml::{Mapping, Value};
+
+/// Docker Hub's registry API host: what Kura mirrors with no configuration.
+pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
+
+/// Storage drivers of Distribution that Kura does not offer (yet); naming
+/// one is an error rather than silently caching somewhere else.
+const UNSUPPORTED_DRIVERS: &[&str] = &["s3", "azure", "gcs", "swift", "oss", "inmemory"];
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `http.addr`, normalised so `:5000` means all interfaces.
+    pub listen: String,
+    /// `storage.filesystem.rootdirectory`.
+    pub storage_root: PathBuf,
+    pub upstream: UpstreamConfig,
+    /// `proxy.ttl`: how long unused content is kept; `None` disables expiry.
+    pub blob_ttl: Option<Duration>,
+    pub log: LogConfig,
+    /// Paths of configured keys that Kura accepts but does not implement.
+    pub ignored_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `proxy.remoteurl`.
+    pub url: Url,
+    /// `proxy.username`.
+    pub username: Option<String>,
+    /// `proxy.password`.
+    pub password: Option<Secret>,
+    /// `proxy.tagttl`: how long a resolved tag is served without asking upstream.
+    pub tag_ttl: Duration,
+    /// `proxy.connecttimeout`: TCP + TLS connection setup.
+    pub connect_timeout: Duration,
+    /// `proxy.manifesttimeout`: whole manifest/tag request, so a hung
+    /// upstream cannot stall a cached tag for longer than this.
+    pub manifest_timeout: Duration,
+    /// `proxy.idletimeout`: longest silence while streaming a blob.
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `log.level`: error, warn, info or debug (Distribution's names).
+    pub level: String,
+    /// `log.formatter: json` (or `logstash`) selects JSON lines.
+    pub json: bool,
+    /// `log.accesslog.disabled` inverted.
+    pub access_log: bool,
+}
+
+/// A credential: never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// Command-line flags, which override file and environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid YAML: {source}")]
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("invalid value for {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Loads `file` (if any), applies `REGISTRY_*` variables from `env`, then
+    /// `overrides`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut tree = match file {
+            Some(path) => read_yaml(path)?,
+            None => Value::Mapping(Mapping::new()),
+        };
+        apply_env_overrides(&mut tree, env);
+        let mut keys = KeyReader::new(&tree);
+        let mut config = Self::from_keys(&mut keys)?;
+        config.ignored_keys = keys.unread_leaves();
+        config.apply(overrides)?;
+        Ok(config)
+    }
+
+    fn from_keys(keys: &mut KeyReader) -> Result<Self, ConfigError> {
+        reject_unsupported_drivers(keys)?;
+        let listen = normalise_listen(&keys.string("http.addr")?.unwrap_or_else(|| ":5000".into()));
+        let storage_root = keys
+            .string("storage.filesystem.rootdirectory")?
+            .map(PathBuf::from)
+            .unwrap_or_else(default_storage_root);
+        let upstream = UpstreamConfig {
+            url: parse_upstream_url(
+                "proxy.remoteurl",
+                &keys
+                    .string("proxy.remoteurl")?
+                    .unwrap_or_else(|| DOCKER_HUB_URL.into()),
+            )?,
+            username: keys.string("proxy.username")?.filter(|u| !u.is_empty()),
+            password: keys
+                .string("proxy.password")?
+                .filter(|p| !p.is_empty())
+                .map(Secret),
+            tag_ttl: keys
+                .duration("proxy.tagttl")?
+                .unwrap_or(Duration::from_secs(60)),
+            connect_timeout: keys
+                .duration("proxy.connecttimeout")?
+                .unwrap_or(Duration::from_secs(2)),
+            manifest_timeout: keys
+                .duration("proxy.manifesttimeout")?
+                .unwrap_or(Duration::from_millis(2500)),
+            idle_timeout: keys
+                .duration("proxy.idletimeout")?
+                .unwrap_or(Duration::from_secs(30)),
+        };
+        let blob_ttl = keys
+            .duration("proxy.ttl")?
+            .unwrap_or(Duration::from_secs(168 * 3600));
+        Ok(Self {
+            listen,
+            storage_root,
+            upstream,
+            blob_ttl: (!blob_ttl.is_zero()).then_some(blob_ttl),
+            log: LogConfig {
+                level: parse_log_level(keys.string("log.level")?)?,
+                json: parse_formatter(keys.string("log.formatter")?)?,
+                access_log: !keys.bool("log.accesslog.disabled")?.unwrap_or(false),
+            },
+            ignored_keys: Vec::new(),
+        })
+    }
+
+    fn apply(&mut self, overrides: &Overrides) -> Result<(), ConfigError> {
+        if let Some(listen) = &overrides.listen {
+            self.listen = normalise_listen(listen);
+        }
+        if let Some(url) = &overrides.upstream {
+            self.upstream.url = parse_upstream_url("--upstream", url)?;
+        }
+        if let Some(dir) = &overrides.cache_dir {
+            self.storage_root = dir.clone();
+        }
+        Ok(())
+    }
+}
+
+fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let value: Value = serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(match value {
+        Value::Null => Value::Mapping(Mapping::new()),
+        other => other,
+    })
+}
+
+/// Distribution's rule: `REGISTRY_PROXY_REMOTEURL=x` sets `proxy.remoteurl: x`.
+fn apply_env_overrides(tree: &mut Value, env: impl IntoIterator<Item = (String, String)>) {
+    for (name, value) in env {
+        let Some(path) = name.strip_prefix("REGISTRY_") else {
+            continue;
+        };
+        let segments: Vec<String> = path.split('_').map(str::to_lowercase).collect();
+        if segments.iter().any(String::is_empty) {
+            continue;
+        }
+        set_path(tree, &segments, Value::String(value));
+    }
+}
+
+fn set_path(tree: &mut Value, segments: &[String], value: Value) {
+    let Some((last, parents)) = segments.split_last() else {
+        return;
+    };
+    let mut node = tree;
+    for segment in parents {
+        if !matches!(node, Value::Mapping(_)) {
+            *node = Value::Mapping(Mapping::new());
+        }
+        let Value::Mapping(map) = node else {
+            unreachable!("just made a mapping")
+        };
+        node = map
+            .entry(Value::String(segment.clone()))
+            .or_insert(Value::Mapping(Mapping::new()));
+    }
+    if !matches!(node, Value::Mapping(_)) {
+        *node = Value::Mapping(Mapping::new());
+    }
+    if let Value::Mapping(map) = node {
+        map.insert(Value::String(last.clone()), value);
+    }
+}
+
+fn reject_unsupported_drivers(keys: &mut KeyReader) -> Result<(), ConfigError> {
+    for driver in UNSUPPORTED_DRIVERS {
+        let key = format!("storage.{driver}");
+        if keys.exists(&key) {
+            return Err(invalid(
+                &key,
+                "this storage driver is not supported; use storage.filesystem",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn normalise_listen(addr: &str) -> String {
+    match addr.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => addr.to_owned(),
+    }
+}
+
+fn parse_upstream_url(key: &str, raw: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(raw).map_err(|e| invalid(key, format!("{raw:?} is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(invalid(
+            key,
+            format!("{raw:?} must be an http(s) URL with a host"),
+        ));
+    }
+    Ok(url)
+}
+
+fn parse_log_level(raw: Option<String>) -> Result<String, ConfigError> {
+    let level = raw.unwrap_or_else(|| "info".into()).to_lowercase();
+    match level.as_str() {
+        "error" | "warn" | "info" | "debug" | "trace" => Ok(level),
+        "warning" => Ok("warn".into()),
+        "fatal" | "panic" => Ok("error".into()),
+        _ => Err(invalid(
+            "log.level",
+            format!("{level:?} is not one of error, warn, info, debug"),
+        )),
+    }
+}
+
+fn parse_formatter(raw: Option<String>) -> Result<bool, ConfigError> {
+    match raw.as_deref() {
+        None | Some("text") => Ok(false),
+        Some("json") | Some("logstash") => Ok(true),
+        Some(other) => Err(invalid(
+            "log.formatter",
+            format!("{other:?} is not one of text, json, logstash"),
+        )),
+    }
+}
+
+/// Go-style durations (`168h`, `1m30s`, `500ms`); a bare `0` disables.
+pub fn parse_duration(key: &str, raw: &str) -> Result<Duration, ConfigError> {
+    let raw = raw.trim();
+    if raw == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(raw).map_err(|e| {
+        invalid(
+            key,
+            format!("{raw:?} is not a duration like 30s or 168h: {e}"),
+        )
+    })
+}
+
+/// Without configuration, a cache directory that needs no root.
+fn default_storage_root() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")));
+    match base {
+        Some(base) => base.join("kura"),
+        None => PathBuf::from("kura-data"),
+    }
+}
+
+/// Reads typed values by dotted path and remembers which were read, so the
+/// rest can be reported as ignored.
+struct KeyReader<'a> {
+    tree: &'a Value,
+    read: BTreeSet<String>,
+}
+
+impl<'a> KeyReader<'a> {
+    fn new(tree: &'a Value) -> Self {
+        Self {
+            tree,
+            read: BTreeSet::new(),
+        }
+    }
+
+    fn lookup(&self, key: &str) -> Option<&'a Value> {
+        key.split('.')
+            .try_fold(self.tree, |node, segment| node.get(segment))
+    }
+
+    fn exists(&self, key: &str) -> bool {
+        self.lookup(key).is_some()
+    }
+
+    fn string(&mut self, key: &str) -> Result<Option<String>, ConfigError> {
+        self.read.insert(key.to_owned());
+        match self.lookup(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(Value::Bool(b)) => Ok(Some(b.to_string())),
+            Some(_) => Err(invalid(key, "expected a single value, found a list or map")),
+        }
+    }
+
+    fn bool(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.string(key)?.as_deref() {
+            None => Ok(None),
+            Some("true") => Ok(Some(true)),
+            Some("false") => Ok(Some(false)),
+            Some(other) => Err(invalid(key, format!("{other:?} is not true or false"))),
+        }
+    }
+
+    fn duration(&mut self, key: &str) -> Result<Option<Duration>, ConfigError> {
+        self.string(key)?
+            .map(|raw| parse_duration(key, &raw))
+            .transpose()
+    }
+
+    /// Every leaf path in the tree that no reader asked for.
+    fn unread_leaves(&self) -> Vec<String> {
+        let mut leaves = Vec::new();
+        collect_leaves(self.tree, String::new(), &mut leaves);
+        leaves.retain(|leaf| !self.read.contains(leaf));
+        leaves
+    }
+}
+
+fn collect_leaves(node: &Value, prefix: String, out: &mut Vec<String>) {
+    match node {
+        Value::Mapping(map) if !map.is_empty() => {
+            for (key, child) in map {
+                let key = match key {
+                    Value::String(s) => s.clone(),
+                    other => serde_yaml::to_string(other)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
+                };
+                let path = if prefix.is_empty() {
+                    key
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                collect_leaves(child, path, out);
+            }
+        }
+        _ if !prefix.is_empty() => out.push(prefix),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_yaml(yaml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yml");
+        std::fs::write(&path, yaml).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load(Some(&path), env, &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_mirror_docker_hub_on_port_5000() {
+        let config = Config::load(None, [], &Overrides::default()).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:5000");
+        assert_eq!(
+            config.upstream.url.as_str(),
+            "https://registry-1.docker.io/"
+        );
+        assert_eq!(config.blob_ttl, Some(Duration::from_secs(168 * 3600)));
+        assert_eq!(config.upstream.tag_ttl, Duration::from_secs(60));
+        assert!(config.log.access_log);
+    }
+
+    #[test]
+    fn reads_distribution_keys() {
+        let config = load_yaml(
+            "version: 0.1\nlog:\n  level: debug\n  formatter: json\n  accesslog:\n    disabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: /tmp/x\n  delete:\n    enabled: true\n\
+             http:\n  addr: 127.0.0.1:5001\nproxy:\n  remoteurl: http://up:5000\n  username: u\n  password: p\n  ttl: 0\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.listen, "127.0.0.1:5001");
+        assert_eq!(config.storage_root, PathBuf::from("/tmp/x"));
+        assert_eq!(config.upstream.url.as_str(), "http://up:5000/");
+        assert_eq!(config.upstream.username.as_deref(), Some("u"));
+        assert_eq!(config.upstream.password.as_ref().unwrap().expose(), "p");
+        assert_eq!(config.blob_ttl, None);
+        assert_eq!(
+            config.log,
+            LogConfig {
+                level: "debug".into(),
+                json: true,
+                access_log: false
+            }
+        );
+        assert_eq!(
+            config.ignored_keys,
+            vec!["version", "storage.delete.enabled"]
+        );
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let yaml = "proxy:\n  remoteurl: http://file:1\nhttp:\n  addr: :6000\n";
+        let env = [
+            ("REGISTRY_PROXY_REMOTEURL", "http://env:2"),
+            ("REGISTRY_PROXY_TAGTTL", "5m"),
+            ("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY", "/env/root"),
+            ("UNRELATED", "x"),
+        ];
+        let config = load_yaml(yaml, &env).unwrap();
+        assert_eq!(config.upstream.url.as_str(), "http://env:2/");
+        assert_eq!(config.upstream.tag_ttl, Duration::from_secs(300));
+        assert_eq!(config.storage_root, PathBuf::from("/env/root"));
+        assert_eq!(config.listen, "0.0.0.0:6000");
+
+        let mut config = config;
+        config
+            .apply(&Overrides {
+                listen: Some("127.0.0.1:7".into()),
+                upstream: Some("http://flag:3".into()),
+                cache_dir: Some("/flag".into()),
+            })
+            .unwrap();
+        assert_eq!(config.upstream.url.as_str(), "http://flag:3/");
+        assert_eq!(config.listen, "127.0.0.1:7");
+        assert_eq!(config.storage_root, PathBuf::from("/flag"));
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let cases = [
+            ("proxy:\n  ttl: forever\n", "proxy.ttl"),
+            ("proxy:\n  remoteurl: not a url\n", "proxy.remoteurl"),
+            ("proxy:\n  remoteurl: ftp://x\n", "proxy.remoteurl"),
+            ("log:\n  level: loud\n", "log.level"),
+            ("log:\n  formatter: xml\n", "log.formatter"),
+            (
+                "log:\n  accesslog:\n    disabled: maybe\n",
+                "log.accesslog.disabled",
+            ),
+            ("storage:\n  s3:\n    bucket: b\n", "storage.s3"),
+        ];
+        for (yaml, key) in cases {
+            let err = load_yaml(yaml, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let secret = Secret("hunter2".into());
+        assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+}

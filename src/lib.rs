@@ -1,0 +1,19 @@
+//! Kura: a pull-through cache for OCI / Docker registries.
+//!
+//! Module map (see ARCHITECTURE.md for the request path and invariants):
+//! - [`cli`]: the `kura` command line.
+//! - [`config`]: Distribution-compatible YAML + `REGISTRY_*` env + flags.
+//! - [`api`]: the HTTP surface (OCI Distribution read API).
+//! - [`cache`]: pull-through logic: cache lookups, tag freshness, shared downloads.
+//! - [`upstream`]: the HTTP client for the upstream registry (auth, redirects, timeouts).
+//! - [`storage`]: on-disk layout: content-addressed blobs, staging, tag index.
+//! - [`reference`]: validation of names, tags and digests.
+pub mod api;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod logging;
+pub mod reference;
+pub mod server;
+pub mod storage;
+pub mod upstream;

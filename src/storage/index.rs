@@ -1,0 +1,142 @@
+//! The per-repository index: which manifests a repository has (with their
+//! media type) and which digest each tag last resolved to.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use tokio::fs;
+
+use super::Storage;
+use crate::reference::{Digest, RepoName, Tag};
+
+/// A tag's cached resolution.
+#[derive(Debug, Clone)]
+pub struct TagLink {
+    pub digest: Digest,
+    /// When the upstream last confirmed this mapping.
+    pub confirmed_at: SystemTime,
+}
+
+impl Storage {
+    fn repo_dir(&self, name: &RepoName) -> PathBuf {
+        self.repositories_dir().join(name.as_str())
+    }
+
+    fn tags_dir(&self, name: &RepoName) -> PathBuf {
+        self.repo_dir(name).join("_manifests").join("tags")
+    }
+
+    fn revision_path(&self, name: &RepoName, digest: &Digest) -> PathBuf {
+        self.repo_dir(name)
+            .join("_manifests")
+            .join("revisions")
+            .join("sha256")
+            .join(digest.hex())
+    }
+
+    /// The media type of a manifest this repository has cached, if any.
+    pub async fn manifest_media_type(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> io::Result<Option<String>> {
+        read_optional(self.revision_path(name, digest)).await
+    }
+
+    /// Records that `name` has manifest `digest`. The manifest bytes must
+    /// already be committed as a blob.
+    pub async fn link_manifest(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+    ) -> io::Result<()> {
+        self.write_atomic(&self.revision_path(name, digest), media_type.as_bytes())
+            .await
+    }
+
+    pub async fn tag_link(&self, name: &RepoName, tag: &Tag) -> io::Result<Option<TagLink>> {
+        let path = self.tags_dir(name).join(tag.as_str());
+        let Some(text) = read_optional(&path).await? else {
+            return Ok(None);
+        };
+        let Ok(digest) = Digest::parse(text.trim()) else {
+            tracing::warn!(path = %path.display(), "ignoring unreadable tag link");
+            return Ok(None);
+        };
+        let confirmed_at = fs::metadata(&path).await?.modified()?;
+        Ok(Some(TagLink {
+            digest,
+            confirmed_at,
+        }))
+    }
+
+    /// Points `tag` at `digest`, marking it confirmed now. The manifest must
+    /// already be linked with [`Storage::link_manifest`].
+    pub async fn set_tag(&self, name: &RepoName, tag: &Tag, digest: &Digest) -> io::Result<()> {
+        let path = self.tags_dir(name).join(tag.as_str());
+        self.write_atomic(&path, digest.to_string().as_bytes())
+            .await
+    }
+
+    /// Forgets a tag the upstream says no longer exists.
+    pub async fn remove_tag(&self, name: &RepoName, tag: &Tag) -> io::Result<()> {
+        match fs::remove_file(self.tags_dir(name).join(tag.as_str())).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Cached tags of a repository, sorted.
+    pub async fn list_tags(&self, name: &RepoName) -> io::Result<Vec<String>> {
+        let mut tags = list_dir_names(self.tags_dir(name)).await?;
+        tags.sort();
+        Ok(tags)
+    }
+
+    /// Every repository with at least one cached manifest, sorted.
+    pub async fn list_repositories(&self) -> io::Result<Vec<String>> {
+        let mut repos = Vec::new();
+        let mut pending = vec![(self.repositories_dir(), String::new())];
+        while let Some((dir, prefix)) = pending.pop() {
+            for child in list_dir_names(&dir).await? {
+                if child == "_manifests" {
+                    repos.push(prefix.clone());
+                } else {
+                    let name = if prefix.is_empty() {
+                        child.clone()
+                    } else {
+                        format!("{prefix}/{child}")
+                    };
+                    pending.push((dir.join(&child), name));
+                }
+            }
+        }
+        repos.sort();
+        Ok(repos)
+    }
+}
+
+async fn read_optional(path: impl AsRef<std::path::Path>) -> io::Result<Option<String>> {
+    match fs::read_to_string(path).await {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn list_dir_names(dir: impl AsRef<std::path::Path>) -> io::Result<Vec<String>> {
+    let mut entries = match fs::read_dir(dir).await {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut names = Vec::new();
+    while let Some(entry) = entries.next_entry().await? {
+        if entry.file_type().await?.is_dir() || entry.file_type().await?.is_file() {
+            names.extend(entry.file_name().to_str().map(str::to_owned));
+        }
+    }
+    Ok(names)
+}

@@ -1,0 +1,86 @@
+//! The on-disk cache, under `storage.filesystem.rootdirectory`:
+//!
+//! ```text
+//! blobs/sha256/<2 hex>/<64 hex>                      content, layers and manifests alike
+//! staging/<uuid>                                     downloads in progress (swept at startup)
+//! repositories/<name>/_manifests/revisions/sha256/<hex>   manifest media type: "this repo has it"
+//! repositories/<name>/_manifests/tags/<tag>          "sha256:<hex>"; mtime = last confirmed upstream
+//! ```
+//!
+//! Every file is created in `staging/` and renamed into place, so a reader
+//! (or a restart after `kill -9`) sees either nothing or a complete file.
+//! Blobs are committed only after their digest was verified
+//! ([`blobs`]), and an index entry is written only after the content it
+//! points at ([`index`]).
+
+pub mod blobs;
+pub mod index;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use tokio::fs;
+
+pub use blobs::StagedBlob;
+
+#[derive(Debug, Clone)]
+pub struct Storage {
+    root: PathBuf,
+}
+
+impl Storage {
+    /// Creates the layout under `root` and removes staging leftovers of a
+    /// previous run (they can never be committed: their download is gone).
+    pub async fn open(root: &Path) -> io::Result<Self> {
+        let storage = Self {
+            root: root.to_owned(),
+        };
+        let staging = storage.staging_dir();
+        if fs::try_exists(&staging).await? {
+            fs::remove_dir_all(&staging).await?;
+        }
+        for dir in [staging, storage.blobs_dir(), storage.repositories_dir()] {
+            fs::create_dir_all(&dir).await?;
+        }
+        Ok(storage)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn staging_dir(&self) -> PathBuf {
+        self.root.join("staging")
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs").join("sha256")
+    }
+
+    fn repositories_dir(&self) -> PathBuf {
+        self.root.join("repositories")
+    }
+
+    fn new_staging_path(&self) -> PathBuf {
+        self.staging_dir().join(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Writes a small file atomically: staging file, then rename.
+    async fn write_atomic(&self, dest: &Path, contents: &[u8]) -> io::Result<()> {
+        let staging = self.new_staging_path();
+        fs::write(&staging, contents).await?;
+        rename_into_place(&staging, dest).await
+    }
+}
+
+/// Renames `from` to `to`, creating `to`'s parent directory if needed.
+async fn rename_into_place(from: &Path, to: &Path) -> io::Result<()> {
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent).await?;
+    }
+    let result = fs::rename(from, to).await;
+    if result.is_err() {
+        let _ = fs::remove_file(from).await;
+    }
+    result
+}

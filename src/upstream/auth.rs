@@ -1,0 +1,245 @@
+//! Upstream authentication: anonymous, HTTP Basic, and the registry Bearer
+//! token flow driven by `WWW-Authenticate` (realm/service/scope).
+//!
+//! Tokens are cached per scope until shortly before they expire, and once
+//! the upstream's scheme is known, requests carry credentials up front
+//! instead of paying a 401 round trip each time.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use reqwest::Url;
+use reqwest::header::HeaderValue;
+use serde::Deserialize;
+
+use super::UpstreamError;
+use crate::config::Secret;
+
+/// Distribution's documented default when a token response has no `expires_in`.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// Renew this long before expiry so a token never dies in flight.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+impl Credentials {
+    fn basic_header(&self) -> HeaderValue {
+        let raw = format!("{}:{}", self.username, self.password.expose());
+        let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
+        sensitive(format!("Basic {encoded}"))
+    }
+}
+
+/// What the upstream asked for in its last challenge.
+#[derive(Debug, Clone)]
+enum Scheme {
+    Basic,
+    Bearer { realm: Url, service: Option<String> },
+}
+
+struct CachedToken {
+    header: HeaderValue,
+    renew_at: Instant,
+}
+
+pub struct Authenticator {
+    http: reqwest::Client,
+    credentials: Option<Credentials>,
+    token_timeout: Duration,
+    scheme: Mutex<Option<Scheme>>,
+    tokens: Mutex<HashMap<String, CachedToken>>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+impl Authenticator {
+    pub fn new(
+        http: reqwest::Client,
+        credentials: Option<Credentials>,
+        token_timeout: Duration,
+    ) -> Self {
+        Self {
+            http,
+            credentials,
+            token_timeout,
+            scheme: Mutex::new(None),
+            tokens: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The `Authorization` header for a request in `scope`, if the upstream
+    /// is known to want one. May fetch a token.
+    pub async fn header_for(&self, scope: &str) -> Result<Option<HeaderValue>, UpstreamError> {
+        let scheme = self.scheme.lock().expect("auth lock").clone();
+        match scheme {
+            None => Ok(None),
+            Some(Scheme::Basic) => Ok(self.credentials.as_ref().map(Credentials::basic_header)),
+            Some(Scheme::Bearer { realm, service }) => {
+                if let Some(header) = self.cached_token(scope) {
+                    return Ok(Some(header));
+                }
+                self.fetch_token(&realm, service.as_deref(), scope)
+                    .await
+                    .map(Some)
+            }
+        }
+    }
+
+    /// Learns the scheme from a 401's `WWW-Authenticate` and drops the
+    /// token that was refused. Returns whether retrying can help.
+    pub fn on_challenge(&self, challenge: Option<&str>, scope: &str) -> bool {
+        self.tokens.lock().expect("auth lock").remove(scope);
+        let Some(scheme) = challenge.and_then(parse_scheme) else {
+            return false;
+        };
+        let retry_helps = match &scheme {
+            Scheme::Basic => self.credentials.is_some(),
+            Scheme::Bearer { .. } => true,
+        };
+        *self.scheme.lock().expect("auth lock") = Some(scheme);
+        retry_helps
+    }
+
+    fn cached_token(&self, scope: &str) -> Option<HeaderValue> {
+        let tokens = self.tokens.lock().expect("auth lock");
+        tokens
+            .get(scope)
+            .filter(|t| Instant::now() < t.renew_at)
+            .map(|t| t.header.clone())
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &Url,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<HeaderValue, UpstreamError> {
+        let mut url = realm.clone();
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = service {
+                query.append_pair("service", service);
+            }
+            query.append_pair("scope", scope);
+        }
+        let mut request = self.http.get(url).timeout(self.token_timeout);
+        if let Some(credentials) = &self.credentials {
+            request = request.header(reqwest::header::AUTHORIZATION, credentials.basic_header());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(UpstreamError::from_transport)?;
+        if !response.status().is_success() {
+            tracing::warn!(status = response.status().as_u16(), realm = %realm, "token request refused");
+            return Err(UpstreamError::from_status(&response));
+        }
+        let body: TokenResponse = response
+            .json()
+            .await
+            .map_err(|e| UpstreamError::Unreachable(format!("unreadable token response: {e}")))?;
+        let token = body
+            .token
+            .or(body.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| UpstreamError::Unreachable("token response has no token".into()))?;
+        let lifetime = body
+            .expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        let header = sensitive(format!("Bearer {token}"));
+        self.tokens.lock().expect("auth lock").insert(
+            scope.to_owned(),
+            CachedToken {
+                header: header.clone(),
+                renew_at: Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN),
+            },
+        );
+        tracing::debug!(scope, "fetched upstream token");
+        Ok(header)
+    }
+}
+
+/// Picks Bearer over Basic when an upstream offers both.
+fn parse_scheme(header: &str) -> Option<Scheme> {
+    let challenges = http_auth::parse_challenges(header).ok()?;
+    let bearer = challenges
+        .iter()
+        .find(|c| c.scheme.eq_ignore_ascii_case("bearer"));
+    if let Some(challenge) = bearer {
+        let param = |name: &str| {
+            challenge
+                .params
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.to_unescaped())
+        };
+        let realm = Url::parse(&param("realm")?).ok()?;
+        if !matches!(realm.scheme(), "http" | "https") {
+            return None;
+        }
+        return Some(Scheme::Bearer {
+            realm,
+            service: param("service"),
+        });
+    }
+    challenges
+        .iter()
+        .any(|c| c.scheme.eq_ignore_ascii_case("basic"))
+        .then_some(Scheme::Basic)
+}
+
+fn sensitive(value: String) -> HeaderValue {
+    let mut header = HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""));
+    header.set_sensitive(true);
+    header
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_bearer_challenge() {
+        let header = r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#;
+        let Some(Scheme::Bearer { realm, service }) = parse_scheme(header) else {
+            panic!("expected bearer");
+        };
+        assert_eq!(realm.as_str(), "https://auth.docker.io/token");
+        assert_eq!(service.as_deref(), Some("registry.docker.io"));
+    }
+
+    #[test]
+    fn parses_basic_and_rejects_garbage() {
+        assert!(matches!(
+            parse_scheme(r#"Basic realm="Registry Realm""#),
+            Some(Scheme::Basic)
+        ));
+        assert!(parse_scheme("").is_none());
+        assert!(parse_scheme("Bearer").is_none());
+        assert!(parse_scheme(r#"Bearer realm="file:///etc/passwd""#).is_none());
+        assert!(parse_scheme("\u{0}\u{1}==,,").is_none());
+    }
+
+    #[test]
+    fn basic_header_is_sensitive() {
+        let credentials = Credentials {
+            username: "u".into(),
+            password: Secret::from("p".to_owned()),
+        };
+        let header = credentials.basic_header();
+        assert!(header.is_sensitive());
+        assert_eq!(header.to_str().unwrap(), "Basic dTpw");
+    }
+}

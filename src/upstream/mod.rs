@@ -1,0 +1,302 @@
+//! The client for the upstream registry: builds `/v2/` URLs (with Docker
+//! Hub's `library/` rule), authenticates ([`auth`]), follows redirects
+//! without leaking credentials, and applies timeouts.
+
+pub mod auth;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER,
+};
+use reqwest::{Method, Response, StatusCode, Url};
+
+use crate::config::UpstreamConfig;
+use crate::reference::{Digest, RepoName};
+use auth::{Authenticator, Credentials};
+
+/// Every manifest media type Kura passes through, so the upstream never
+/// down-converts (e.g. an index to a single-platform manifest).
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.v1+prettyjws, \
+application/vnd.docker.distribution.manifest.v1+json, \
+application/vnd.oci.artifact.manifest.v1+json";
+
+const DOCKER_HUB_HOSTS: &[&str] = &["registry-1.docker.io", "index.docker.io", "docker.io"];
+
+/// How an upstream request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// No usable answer: connection refused, timeout, reset, garbled body.
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// The upstream answered with a non-success status.
+    #[error("upstream answered {status}")]
+    Status {
+        status: u16,
+        retry_after: Option<u64>,
+    },
+}
+
+impl UpstreamError {
+    fn from_transport(err: reqwest::Error) -> Self {
+        // reqwest's message names the URL, which never carries credentials.
+        let kind = if err.is_timeout() {
+            "timed out"
+        } else if err.is_connect() {
+            "connection failed"
+        } else {
+            "transfer failed"
+        };
+        UpstreamError::Unreachable(format!("{kind}: {err}"))
+    }
+
+    fn from_status(response: &Response) -> Self {
+        UpstreamError::Status {
+            status: response.status().as_u16(),
+            retry_after: response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok()),
+        }
+    }
+
+    /// Whether the upstream said "this does not exist" (as opposed to
+    /// failing): the one case where cached state should be forgotten.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, UpstreamError::Status { status: 404, .. })
+    }
+}
+
+/// What a manifest HEAD or GET told about a manifest.
+#[derive(Debug, Clone)]
+pub struct ManifestMeta {
+    pub digest: Option<Digest>,
+    pub media_type: Option<String>,
+}
+
+pub struct Upstream {
+    base: Url,
+    http: reqwest::Client,
+    auth: Authenticator,
+    docker_hub: bool,
+    manifest_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> anyhow::Result<Self> {
+        // reqwest drops Authorization when a redirect changes host, which is
+        // what Docker Hub's and S3-backed registries' blob redirects need.
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.idle_timeout)
+            .user_agent(concat!("kura/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let credentials = config.username.clone().map(|username| Credentials {
+            username,
+            password: config
+                .password
+                .clone()
+                .unwrap_or_else(|| String::new().into()),
+        });
+        let docker_hub = config
+            .url
+            .host_str()
+            .is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h));
+        Ok(Self {
+            base: config.url.clone(),
+            auth: Authenticator::new(http.clone(), credentials, config.manifest_timeout),
+            http,
+            docker_hub,
+            manifest_timeout: config.manifest_timeout,
+        })
+    }
+
+    /// The repository name as the upstream knows it.
+    fn upstream_name(&self, name: &RepoName) -> String {
+        if self.docker_hub && !name.as_str().contains('/') {
+            format!("library/{name}")
+        } else {
+            name.to_string()
+        }
+    }
+
+    /// `suffix` may carry a query (`tags/list?n=10`).
+    fn url(&self, name: &str, suffix: &str) -> Url {
+        let (path, query) = match suffix.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (suffix, None),
+        };
+        let mut url = self.base.clone();
+        let base_path = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base_path}/v2/{name}/{path}"));
+        url.set_query(query);
+        url
+    }
+
+    /// Sends a request for `name`, answering one auth challenge. Non-success
+    /// statuses become [`UpstreamError::Status`].
+    async fn send(
+        &self,
+        method: Method,
+        name: &RepoName,
+        suffix: &str,
+        accept: Option<&'static str>,
+        timeout: Option<Duration>,
+    ) -> Result<Response, UpstreamError> {
+        let upstream_name = self.upstream_name(name);
+        let url = self.url(&upstream_name, suffix);
+        let scope = format!("repository:{upstream_name}:pull");
+        for attempt in 0..2 {
+            let mut request = self.http.request(method.clone(), url.clone());
+            if let Some(accept) = accept {
+                request = request.header(ACCEPT, accept);
+            }
+            if let Some(timeout) = timeout {
+                request = request.timeout(timeout);
+            }
+            if let Some(header) = self.auth.header_for(&scope).await? {
+                request = request.header(AUTHORIZATION, header);
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(UpstreamError::from_transport)?;
+            if response.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
+                let challenge = response
+                    .headers()
+                    .get(reqwest::header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok());
+                if self.auth.on_challenge(challenge, &scope) {
+                    continue;
+                }
+            }
+            if !response.status().is_success() {
+                return Err(UpstreamError::from_status(&response));
+            }
+            return Ok(response);
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    pub async fn head_manifest(
+        &self,
+        name: &RepoName,
+        reference: &str,
+    ) -> Result<ManifestMeta, UpstreamError> {
+        let suffix = format!("manifests/{reference}");
+        let response = self
+            .send(
+                Method::HEAD,
+                name,
+                &suffix,
+                Some(MANIFEST_ACCEPT),
+                Some(self.manifest_timeout),
+            )
+            .await?;
+        Ok(manifest_meta(response.headers()))
+    }
+
+    /// Fetches a manifest's exact bytes.
+    pub async fn get_manifest(
+        &self,
+        name: &RepoName,
+        reference: &str,
+    ) -> Result<(ManifestMeta, Bytes), UpstreamError> {
+        let suffix = format!("manifests/{reference}");
+        let response = self
+            .send(
+                Method::GET,
+                name,
+                &suffix,
+                Some(MANIFEST_ACCEPT),
+                Some(self.manifest_timeout),
+            )
+            .await?;
+        let meta = manifest_meta(response.headers());
+        let body = response
+            .bytes()
+            .await
+            .map_err(UpstreamError::from_transport)?;
+        Ok((meta, body))
+    }
+
+    /// The blob's size, without downloading it.
+    pub async fn head_blob(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, UpstreamError> {
+        let suffix = format!("blobs/{digest}");
+        let response = self
+            .send(
+                Method::HEAD,
+                name,
+                &suffix,
+                None,
+                Some(self.manifest_timeout),
+            )
+            .await?;
+        Ok(content_length(response.headers()))
+    }
+
+    /// Starts a blob download; the body streams from the returned response.
+    /// No total timeout: large blobs take as long as they take, while the
+    /// client's idle timeout catches a stalled transfer.
+    pub async fn get_blob(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<Response, UpstreamError> {
+        let suffix = format!("blobs/{digest}");
+        self.send(Method::GET, name, &suffix, None, None).await
+    }
+
+    /// One page of the upstream's tag list.
+    pub async fn tags(&self, name: &RepoName, query: &str) -> Result<Vec<String>, UpstreamError> {
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            tags: Option<Vec<String>>,
+        }
+        let suffix = if query.is_empty() {
+            "tags/list".to_owned()
+        } else {
+            format!("tags/list?{query}")
+        };
+        let response = self
+            .send(
+                Method::GET,
+                name,
+                &suffix,
+                None,
+                Some(self.manifest_timeout),
+            )
+            .await?;
+        let list: TagList = response
+            .json()
+            .await
+            .map_err(|e| UpstreamError::Unreachable(format!("unreadable tag list: {e}")))?;
+        Ok(list.tags.unwrap_or_default())
+    }
+}
+
+fn manifest_meta(headers: &HeaderMap) -> ManifestMeta {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    ManifestMeta {
+        digest: header("docker-content-digest").and_then(|d| Digest::parse(d).ok()),
+        media_type: header(CONTENT_TYPE.as_str())
+            .map(|t| t.split(';').next().unwrap_or(t).trim().to_owned()),
+    }
+}
+
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
