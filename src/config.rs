@@ -47,9 +47,9 @@ pub struct UpstreamConfig {
     pub tag_ttl: Duration,
     /// `proxy.connecttimeout`: TCP + TLS connection setup.
     pub connect_timeout: Duration,
-    /// `proxy.manifesttimeout`: whole manifest/tag request, so a hung
-    /// upstream cannot stall a cached tag for longer than this.
-    pub manifest_timeout: Duration,
+    /// `proxy.responsetimeout`: longest wait for an upstream's response
+    /// headers, so a hung upstream cannot stall a cached tag for longer.
+    pub response_timeout: Duration,
     /// `proxy.idletimeout`: longest silence while streaming a blob.
     pub idle_timeout: Duration,
 }
@@ -162,8 +162,8 @@ impl Config {
             connect_timeout: keys
                 .duration("proxy.connecttimeout")?
                 .unwrap_or(Duration::from_secs(2)),
-            manifest_timeout: keys
-                .duration("proxy.manifesttimeout")?
+            response_timeout: keys
+                .duration("proxy.responsetimeout")?
                 .unwrap_or(Duration::from_millis(2500)),
             idle_timeout: keys
                 .duration("proxy.idletimeout")?

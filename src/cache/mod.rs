@@ -61,7 +61,14 @@ fn upstream_error(err: &UpstreamError, not_found: ErrorCode) -> ApiError {
         UpstreamError::Status {
             status,
             retry_after,
+            code: upstream_code,
         } => {
+            // A 404 keeps the upstream's finer code: an unknown repository
+            // is NAME_UNKNOWN whatever was asked for in it.
+            let not_found = match upstream_code.as_deref() {
+                Some("NAME_UNKNOWN") => ErrorCode::NameUnknown,
+                _ => not_found,
+            };
             let (code, message) = match status {
                 401 => (
                     ErrorCode::Unauthorized,

@@ -143,7 +143,7 @@ impl Authenticator {
             .map_err(UpstreamError::from_transport)?;
         if !response.status().is_success() {
             tracing::warn!(status = response.status().as_u16(), realm = %realm, "token request refused");
-            return Err(UpstreamError::from_status(&response));
+            return Err(UpstreamError::from_response(response).await);
         }
         let body: TokenResponse = response
             .json()

@@ -39,8 +39,14 @@ pub enum UpstreamError {
     Status {
         status: u16,
         retry_after: Option<u64>,
+        /// The first OCI error code of the upstream's error body, if any
+        /// (e.g. `NAME_UNKNOWN` vs `MANIFEST_UNKNOWN` for a 404).
+        code: Option<String>,
     },
 }
+
+/// Error bodies are small; anything longer is not worth reading.
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 impl UpstreamError {
     fn from_transport(err: reqwest::Error) -> Self {
@@ -55,14 +61,28 @@ impl UpstreamError {
         UpstreamError::Unreachable(format!("{kind}: {err}"))
     }
 
-    fn from_status(response: &Response) -> Self {
+    /// Consumes a non-success response, keeping what the client should learn.
+    async fn from_response(response: Response) -> Self {
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        let small =
+            content_length(response.headers()).is_some_and(|len| len as usize <= MAX_ERROR_BODY);
+        let code = match small {
+            true => response
+                .bytes()
+                .await
+                .ok()
+                .and_then(|body| first_error_code(&body)),
+            false => None,
+        };
         UpstreamError::Status {
-            status: response.status().as_u16(),
-            retry_after: response
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok()),
+            status,
+            retry_after,
+            code,
         }
     }
 
@@ -85,7 +105,7 @@ pub struct Upstream {
     http: reqwest::Client,
     auth: Authenticator,
     docker_hub: bool,
-    manifest_timeout: Duration,
+    response_timeout: Duration,
 }
 
 impl Upstream {
@@ -110,10 +130,10 @@ impl Upstream {
             .is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h));
         Ok(Self {
             base: config.url.clone(),
-            auth: Authenticator::new(http.clone(), credentials, config.manifest_timeout),
+            auth: Authenticator::new(http.clone(), credentials, config.response_timeout),
             http,
             docker_hub,
-            manifest_timeout: config.manifest_timeout,
+            response_timeout: config.response_timeout,
         })
     }
 
@@ -140,14 +160,14 @@ impl Upstream {
     }
 
     /// Sends a request for `name`, answering one auth challenge. Non-success
-    /// statuses become [`UpstreamError::Status`].
+    /// statuses become [`UpstreamError::Status`]. Only the wait for the
+    /// headers is bounded here; bodies are bounded by the idle timeout.
     async fn send(
         &self,
         method: Method,
         name: &RepoName,
         suffix: &str,
         accept: Option<&'static str>,
-        timeout: Option<Duration>,
     ) -> Result<Response, UpstreamError> {
         let upstream_name = self.upstream_name(name);
         let url = self.url(&upstream_name, suffix);
@@ -157,15 +177,14 @@ impl Upstream {
             if let Some(accept) = accept {
                 request = request.header(ACCEPT, accept);
             }
-            if let Some(timeout) = timeout {
-                request = request.timeout(timeout);
-            }
             if let Some(header) = self.auth.header_for(&scope).await? {
                 request = request.header(AUTHORIZATION, header);
             }
-            let response = request
-                .send()
+            // Bounded wait for the response headers: a hung upstream must
+            // not hang clients that could be served from cache.
+            let response = tokio::time::timeout(self.response_timeout, request.send())
                 .await
+                .map_err(|_| UpstreamError::Unreachable("timed out waiting for a response".into()))?
                 .map_err(UpstreamError::from_transport)?;
             if response.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let challenge = response
@@ -177,7 +196,7 @@ impl Upstream {
                 }
             }
             if !response.status().is_success() {
-                return Err(UpstreamError::from_status(&response));
+                return Err(UpstreamError::from_response(response).await);
             }
             return Ok(response);
         }
@@ -191,13 +210,7 @@ impl Upstream {
     ) -> Result<ManifestMeta, UpstreamError> {
         let suffix = format!("manifests/{reference}");
         let response = self
-            .send(
-                Method::HEAD,
-                name,
-                &suffix,
-                Some(MANIFEST_ACCEPT),
-                Some(self.manifest_timeout),
-            )
+            .send(Method::HEAD, name, &suffix, Some(MANIFEST_ACCEPT))
             .await?;
         Ok(manifest_meta(response.headers()))
     }
@@ -210,13 +223,7 @@ impl Upstream {
     ) -> Result<(ManifestMeta, Bytes), UpstreamError> {
         let suffix = format!("manifests/{reference}");
         let response = self
-            .send(
-                Method::GET,
-                name,
-                &suffix,
-                Some(MANIFEST_ACCEPT),
-                Some(self.manifest_timeout),
-            )
+            .send(Method::GET, name, &suffix, Some(MANIFEST_ACCEPT))
             .await?;
         let meta = manifest_meta(response.headers());
         let body = response
@@ -233,28 +240,20 @@ impl Upstream {
         digest: &Digest,
     ) -> Result<Option<u64>, UpstreamError> {
         let suffix = format!("blobs/{digest}");
-        let response = self
-            .send(
-                Method::HEAD,
-                name,
-                &suffix,
-                None,
-                Some(self.manifest_timeout),
-            )
-            .await?;
+        let response = self.send(Method::HEAD, name, &suffix, None).await?;
         Ok(content_length(response.headers()))
     }
 
     /// Starts a blob download; the body streams from the returned response.
     /// No total timeout: large blobs take as long as they take, while the
-    /// client's idle timeout catches a stalled transfer.
+    /// idle timeout catches a stalled transfer.
     pub async fn get_blob(
         &self,
         name: &RepoName,
         digest: &Digest,
     ) -> Result<Response, UpstreamError> {
         let suffix = format!("blobs/{digest}");
-        self.send(Method::GET, name, &suffix, None, None).await
+        self.send(Method::GET, name, &suffix, None).await
     }
 
     /// One page of the upstream's tag list.
@@ -268,21 +267,26 @@ impl Upstream {
         } else {
             format!("tags/list?{query}")
         };
-        let response = self
-            .send(
-                Method::GET,
-                name,
-                &suffix,
-                None,
-                Some(self.manifest_timeout),
-            )
-            .await?;
+        let response = self.send(Method::GET, name, &suffix, None).await?;
         let list: TagList = response
             .json()
             .await
             .map_err(|e| UpstreamError::Unreachable(format!("unreadable tag list: {e}")))?;
         Ok(list.tags.unwrap_or_default())
     }
+}
+
+fn first_error_code(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<ErrorEntry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorEntry {
+        code: String,
+    }
+    let errors: Errors = serde_json::from_slice(body).ok()?;
+    errors.errors.into_iter().next().map(|e| e.code)
 }
 
 fn manifest_meta(headers: &HeaderMap) -> ManifestMeta {
