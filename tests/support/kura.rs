@@ -1,0 +1,179 @@
+//! Launching the binary under test: `kura serve --listen 127.0.0.1:PORT --upstream URL --cache-dir DIR`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use tempfile::TempDir;
+
+use super::net::{free_port, loopback, wait_http};
+use super::process::ChildGuard;
+use super::upstream::Upstream;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How to run Kura.
+#[derive(Clone, Debug, Default)]
+pub struct KuraOptions {
+    pub upstream_url: String,
+    /// Passed as `REGISTRY_PROXY_USERNAME`.
+    pub username: Option<String>,
+    /// Passed as `REGISTRY_PROXY_PASSWORD`.
+    pub password: Option<String>,
+    /// Defaults to a fresh temp dir owned by the [`Kura`] guard.
+    pub cache_dir: Option<PathBuf>,
+    /// Appended after the standard `serve` arguments.
+    pub extra_args: Vec<String>,
+    /// Set after the defaults (so they can override `RUST_LOG`).
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl KuraOptions {
+    pub fn new(upstream_url: &str) -> Self {
+        Self {
+            upstream_url: upstream_url.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// Proxies `upstream` (through its byte counter) with its credentials, if any.
+    pub fn for_upstream(upstream: &Upstream) -> Self {
+        let credentials = upstream.credentials();
+        Self {
+            username: credentials.map(|(user, _)| user.to_owned()),
+            password: credentials.map(|(_, pass)| pass.to_owned()),
+            ..Self::new(&upstream.url())
+        }
+    }
+}
+
+/// A running Kura; killed on drop. Its log (stdout + stderr of every run) is kept in a file.
+pub struct Kura {
+    // Field order is drop order: the process goes before its directories.
+    process: ChildGuard,
+    options: KuraOptions,
+    addr: SocketAddr,
+    cache_dir: PathBuf,
+    _own_cache: Option<TempDir>,
+    log_dir: TempDir,
+}
+
+impl Kura {
+    /// Starts Kura and waits (20 s at most) until `GET /v2/` answers 200; panics with the log if
+    /// it exits or never gets ready.
+    pub async fn start(options: KuraOptions) -> Self {
+        let log_dir = temp_dir("kura-log-");
+        let (cache_dir, own_cache) = match &options.cache_dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                let dir = temp_dir("kura-cache-");
+                (dir.path().to_owned(), Some(dir))
+            }
+        };
+        let addr = loopback(free_port());
+        let process = spawn(&options, addr, &cache_dir, log_dir.path());
+        let mut kura = Self {
+            process,
+            options,
+            addr,
+            cache_dir,
+            _own_cache: own_cache,
+            log_dir,
+        };
+        kura.wait_ready().await;
+        kura
+    }
+
+    /// Kills Kura (if running) and starts it again on the same port with the same cache dir.
+    pub async fn restart(&mut self) {
+        self.process.kill();
+        self.process = spawn(
+            &self.options,
+            self.addr,
+            &self.cache_dir,
+            self.log_dir.path(),
+        );
+        self.wait_ready().await;
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        self.process.kill();
+    }
+
+    /// `Ok` while the process runs, else the exit status and log.
+    pub fn check_running(&mut self) -> Result<(), String> {
+        self.process.check_running()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Everything Kura wrote to stdout and stderr, across restarts.
+    pub fn log_text(&self) -> String {
+        self.process.log_text()
+    }
+
+    async fn wait_ready(&mut self) {
+        let url = format!("{}/v2/", self.url());
+        let process = &mut self.process;
+        let ready = wait_http(
+            &url,
+            READY_TIMEOUT,
+            |s| s == StatusCode::OK,
+            || process.check_running(),
+        )
+        .await;
+        if let Err(e) = ready {
+            panic!("kura did not get ready: {e}\nlog:\n{}", self.log_text());
+        }
+    }
+}
+
+fn temp_dir(prefix: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temp dir")
+}
+
+fn spawn(options: &KuraOptions, addr: SocketAddr, cache_dir: &Path, log_dir: &Path) -> ChildGuard {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kura"));
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--upstream")
+        .arg(&options.upstream_url)
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .args(&options.extra_args)
+        .env_remove("REGISTRY_PROXY_USERNAME")
+        .env_remove("REGISTRY_PROXY_PASSWORD")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    if let Some(user) = &options.username {
+        cmd.env("REGISTRY_PROXY_USERNAME", user);
+    }
+    if let Some(pass) = &options.password {
+        cmd.env("REGISTRY_PROXY_PASSWORD", pass);
+    }
+    cmd.envs(options.extra_env.iter().map(|(k, v)| (k, v)));
+    ChildGuard::spawn("kura", cmd, &log_dir.join("kura.log"))
+}
