@@ -52,6 +52,8 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     /// `proxy.idletimeout`: longest silence while streaming a blob.
     pub idle_timeout: Duration,
+    /// `proxy.maxconnections`: concurrent upstream requests at most.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +170,7 @@ impl Config {
             idle_timeout: keys
                 .duration("proxy.idletimeout")?
                 .unwrap_or(Duration::from_secs(30)),
+            max_connections: keys.count("proxy.maxconnections")?.unwrap_or(32),
         };
         let blob_ttl = keys
             .duration("proxy.ttl")?
@@ -377,6 +380,17 @@ impl<'a> KeyReader<'a> {
         }
     }
 
+    /// A positive integer.
+    fn count(&mut self, key: &str) -> Result<Option<usize>, ConfigError> {
+        match self.string(key)? {
+            None => Ok(None),
+            Some(raw) => match raw.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(Some(n)),
+                _ => Err(invalid(key, format!("{raw:?} is not a positive integer"))),
+            },
+        }
+    }
+
     fn duration(&mut self, key: &str) -> Result<Option<Duration>, ConfigError> {
         self.string(key)?
             .map(|raw| parse_duration(key, &raw))
@@ -505,6 +519,7 @@ mod tests {
             ("proxy:\n  remoteurl: not a url\n", "proxy.remoteurl"),
             ("proxy:\n  remoteurl: ftp://x\n", "proxy.remoteurl"),
             ("log:\n  level: loud\n", "log.level"),
+            ("proxy:\n  maxconnections: 0\n", "proxy.maxconnections"),
             ("log:\n  formatter: xml\n", "log.formatter"),
             (
                 "log:\n  accesslog:\n    disabled: maybe\n",

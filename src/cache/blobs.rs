@@ -12,7 +12,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
+use sha2::{Digest as _, Sha256};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::fs::File;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{Mutex, watch};
@@ -21,7 +25,7 @@ use super::{Cache, storage_error, upstream_error};
 use crate::api::error::{ApiError, ErrorCode};
 use crate::reference::{Digest, RepoName};
 use crate::storage::StagedBlob;
-use crate::upstream::content_length;
+use crate::upstream::{SlottedResponse, UpstreamError};
 
 /// Read size when serving; large enough to keep syscalls cheap.
 const READ_CHUNK: usize = 256 * 1024;
@@ -30,8 +34,15 @@ const READ_CHUNK: usize = 256 * 1024;
 #[derive(Debug, Clone)]
 enum Progress {
     Connecting,
-    Streaming { total: Option<u64>, readable: u64 },
-    Complete { total: u64 },
+    Streaming {
+        total: Option<u64>,
+        readable: u64,
+    },
+    Complete {
+        total: u64,
+    },
+    /// No room to store it: every client streams from upstream itself.
+    PassThrough,
     Failed(ApiError),
 }
 
@@ -54,13 +65,21 @@ pub struct BlobStat {
 
 /// An open blob, ready to stream any byte range.
 pub struct BlobBody {
-    file: File,
     /// Known size: always for committed blobs; for a live download once
     /// the upstream sent `Content-Length`.
     pub size: Option<u64>,
-    /// `None` when the blob is committed: everything is readable.
-    progress: Option<watch::Receiver<Progress>>,
     pub cache_hit: bool,
+    source: Source,
+}
+
+enum Source {
+    /// A committed blob (`progress: None`) or a download's staging file.
+    File {
+        file: File,
+        progress: Option<watch::Receiver<Progress>>,
+    },
+    /// Passed through from upstream, verified on the fly.
+    Upstream(SlottedResponse, Digest),
 }
 
 impl Cache {
@@ -124,7 +143,7 @@ impl Cache {
                 },
             }
         };
-        self.follow(&download, digest).await
+        self.follow(&download, name, digest).await
     }
 
     async fn open_committed(&self, digest: &Digest) -> Result<Option<BlobBody>, ApiError> {
@@ -134,10 +153,12 @@ impl Cache {
             .await
             .map_err(storage_error)?;
         Ok(opened.map(|(file, size)| BlobBody {
-            file,
             size: Some(size),
-            progress: None,
             cache_hit: true,
+            source: Source::File {
+                file,
+                progress: None,
+            },
         }))
     }
 
@@ -159,7 +180,7 @@ impl Cache {
         tokio::spawn(async move {
             let outcome = this.download(&name, &digest, staged, &progress_tx).await;
             let final_state = match outcome {
-                Ok(total) => Progress::Complete { total },
+                Ok(state) => state,
                 Err(err) => {
                     tracing::warn!(%name, %digest, error = %err, "blob download failed; nothing committed");
                     Progress::Failed(err)
@@ -177,12 +198,12 @@ impl Cache {
         digest: &Digest,
         mut staged: StagedBlob,
         progress: &watch::Sender<Progress>,
-    ) -> Result<u64, ApiError> {
+    ) -> Result<Progress, ApiError> {
         match self
             .stream_to_staging(name, digest, &mut staged, progress)
             .await
         {
-            Ok(()) => {
+            Ok(Staged::Written) => {
                 let total = staged.written();
                 staged.commit(digest).await.map_err(|e| {
                     ApiError::new(
@@ -191,7 +212,11 @@ impl Cache {
                     )
                 })?;
                 tracing::info!(%name, %digest, bytes = total, "blob cached");
-                Ok(total)
+                Ok(Progress::Complete { total })
+            }
+            Ok(Staged::NoRoom) => {
+                staged.discard().await;
+                Ok(Progress::PassThrough)
             }
             Err(err) => {
                 staged.discard().await;
@@ -206,15 +231,21 @@ impl Cache {
         digest: &Digest,
         staged: &mut StagedBlob,
         progress: &watch::Sender<Progress>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Staged, ApiError> {
         let response = self
             .upstream
             .get_blob(name, digest)
             .await
             .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
-        let total = content_length(response.headers());
+        let total = response.content_length();
+        if let Some(total) = total
+            && !self.storage.has_room_for(total)
+        {
+            warn_disk_full(total);
+            return Ok(Staged::NoRoom);
+        }
         progress.send_replace(Progress::Streaming { total, readable: 0 });
-        let mut body = response.bytes_stream();
+        let mut body = response.into_stream();
         while let Some(chunk) = body.next().await {
             let chunk =
                 chunk.map_err(|e| transfer_failed(format!("upstream transfer failed: {e}")))?;
@@ -233,11 +264,16 @@ impl Cache {
                 "upstream body shorter than its Content-Length".into(),
             ));
         }
-        Ok(())
+        Ok(Staged::Written)
     }
 
     /// Attaches to a download once the upstream has answered.
-    async fn follow(&self, download: &Download, digest: &Digest) -> Result<BlobBody, ApiError> {
+    async fn follow(
+        &self,
+        download: &Download,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<BlobBody, ApiError> {
         let mut progress = download.progress.clone();
         let state = progress
             .wait_for(|p| !matches!(p, Progress::Connecting))
@@ -247,15 +283,18 @@ impl Cache {
         let size = match state {
             Progress::Failed(err) => return Err(err),
             Progress::Complete { .. } => return self.committed_or_gone(digest).await,
+            Progress::PassThrough => return self.pass_through(name, digest).await,
             Progress::Streaming { total, .. } => total,
             Progress::Connecting => unreachable!("waited for a later state"),
         };
         match File::open(&download.staging_path).await {
             Ok(file) => Ok(BlobBody {
-                file,
                 size,
-                progress: Some(progress),
                 cache_hit: false,
+                source: Source::File {
+                    file,
+                    progress: Some(progress),
+                },
             }),
             // The download finished (renamed or removed its staging file)
             // between the state check and the open.
@@ -264,10 +303,51 @@ impl Cache {
         }
     }
 
+    /// With no room to store the blob, each client gets its own upstream
+    /// stream, still verified against the digest.
+    async fn pass_through(&self, name: &RepoName, digest: &Digest) -> Result<BlobBody, ApiError> {
+        let response = self
+            .upstream
+            .get_blob(name, digest)
+            .await
+            .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
+        Ok(BlobBody {
+            size: response.content_length(),
+            cache_hit: false,
+            source: Source::Upstream(response, digest.clone()),
+        })
+    }
+
     async fn committed_or_gone(&self, digest: &Digest) -> Result<BlobBody, ApiError> {
         self.open_committed(digest)
             .await?
             .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "blob download failed; try again"))
+    }
+}
+
+/// What became of a download's bytes.
+enum Staged {
+    Written,
+    /// Not enough disk space: nothing was written.
+    NoRoom,
+}
+
+/// Logs a full disk at most once a minute: every cold pull would report it.
+fn warn_disk_full(size: u64) {
+    static LAST_LOGGED: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_LOGGED.load(Ordering::Relaxed);
+    if now >= last + 60
+        && LAST_LOGGED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            blob_bytes = size,
+            "storage full: passing blobs through without caching"
+        );
     }
 }
 
@@ -280,25 +360,102 @@ impl BlobBody {
     /// A failed download ends the stream with an error, which aborts the
     /// client's transfer.
     pub async fn into_stream(
-        mut self,
+        self,
         start: u64,
         end: Option<u64>,
-    ) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send + 'static> {
-        if start > 0 {
-            self.file.seek(io::SeekFrom::Start(start)).await?;
-        }
+    ) -> io::Result<BoxStream<'static, io::Result<Bytes>>> {
         let end = end.or(self.size);
-        let reader = Follower {
-            file: self.file,
-            pos: start,
-            end,
-            progress: self.progress,
-        };
-        Ok(futures_util::stream::unfold(
-            reader,
-            |mut reader| async move { reader.next_chunk().await.map(|chunk| (chunk, reader)) },
-        ))
+        match self.source {
+            Source::File { mut file, progress } => {
+                if start > 0 {
+                    file.seek(io::SeekFrom::Start(start)).await?;
+                }
+                let reader = Follower {
+                    file,
+                    pos: start,
+                    end,
+                    progress,
+                };
+                Ok(
+                    futures_util::stream::unfold(reader, |mut reader| async move {
+                        reader.next_chunk().await.map(|chunk| (chunk, reader))
+                    })
+                    .boxed(),
+                )
+            }
+            Source::Upstream(response, digest) => {
+                let verified = verified(response.into_stream(), digest);
+                Ok(byte_window(verified, start, end).boxed())
+            }
+        }
     }
+}
+
+/// Passes chunks through while hashing them, holding back the newest one
+/// until the end: if the digest does not match, the stream ends in an
+/// error instead of that last chunk.
+fn verified(
+    upstream: impl Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static,
+    digest: Digest,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    struct State<S> {
+        upstream: S,
+        hasher: Sha256,
+        held: Option<Bytes>,
+        digest: Digest,
+    }
+    let state = State {
+        upstream: Box::pin(upstream),
+        hasher: Sha256::new(),
+        held: None,
+        digest,
+    };
+    futures_util::stream::unfold(Some(state), |state| async move {
+        let mut state = state?;
+        loop {
+            match state.upstream.next().await {
+                Some(Ok(chunk)) => {
+                    state.hasher.update(&chunk);
+                    if let Some(previous) = state.held.replace(chunk) {
+                        return Some((Ok(previous), Some(state)));
+                    }
+                }
+                Some(Err(err)) => return Some((Err(io::Error::other(err.to_string())), None)),
+                None => {
+                    let actual = Digest::from_sha256(state.hasher.finalize_reset().as_slice());
+                    if actual != state.digest {
+                        tracing::error!(expected = %state.digest, %actual, "upstream blob does not match its digest");
+                        return Some((Err(io::Error::other("blob digest mismatch")), None));
+                    }
+                    return state.held.take().map(|last| (Ok(last), None));
+                }
+            }
+        }
+    })
+}
+
+/// The bytes `start..end` of a stream of chunks.
+fn byte_window(
+    chunks: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
+    start: u64,
+    end: Option<u64>,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let end = end.unwrap_or(u64::MAX);
+    chunks
+        .scan(0u64, move |pos, chunk| {
+            let chunk_start = *pos;
+            if chunk_start >= end {
+                return std::future::ready(None);
+            }
+            let item = chunk.map(|chunk| {
+                *pos += chunk.len() as u64;
+                let from = start.saturating_sub(chunk_start).min(chunk.len() as u64) as usize;
+                let to = (end - chunk_start).min(chunk.len() as u64) as usize;
+                chunk.slice(from..to.max(from))
+            });
+            std::future::ready(Some(item))
+        })
+        .filter(|item| std::future::ready(!matches!(item, Ok(chunk) if chunk.is_empty())))
 }
 
 struct Follower {
@@ -344,6 +501,8 @@ impl Follower {
             Progress::Connecting => Ok(Some(0)),
             Progress::Streaming { readable, .. } => Ok(Some(*readable)),
             Progress::Complete { total } => Ok(Some(*total)),
+            // Followers exist only once bytes were staged, which rules this out.
+            Progress::PassThrough => Err(io::Error::other("download switched to pass-through")),
             Progress::Failed(err) => Err(io::Error::other(err.to_string())),
         }
     }
@@ -368,5 +527,72 @@ impl Follower {
         buf.truncate(n);
         self.pos += n as u64;
         Ok(buf.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(
+        parts: &[&'static [u8]],
+    ) -> impl Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static {
+        let parts: Vec<Result<Bytes, UpstreamError>> =
+            parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+        futures_util::stream::iter(parts)
+    }
+
+    async fn collect(stream: impl Stream<Item = io::Result<Bytes>>) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut stream = Box::pin(stream);
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn verified_stream_passes_matching_bytes() {
+        let digest = Digest::of_bytes(b"hello world");
+        let body = collect(verified(chunks(&[b"hello", b" ", b"world"]), digest)).await;
+        assert_eq!(body.unwrap(), b"hello world");
+    }
+
+    #[tokio::test]
+    async fn verified_stream_withholds_the_last_chunk_on_mismatch() {
+        let digest = Digest::of_bytes(b"something else");
+        let mut stream = Box::pin(verified(chunks(&[b"hello", b" ", b"world"]), digest));
+        let mut received = Vec::new();
+        let mut failed = false;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk) => received.extend_from_slice(&chunk),
+                Err(_) => failed = true,
+            }
+        }
+        assert!(failed);
+        assert_eq!(received, b"hello ", "the final chunk is never released");
+    }
+
+    #[tokio::test]
+    async fn byte_window_slices_across_chunks() {
+        let source = || {
+            futures_util::stream::iter(
+                [b"abc".as_slice(), b"def", b"ghi"].map(|p| Ok(Bytes::from_static(p))),
+            )
+        };
+        assert_eq!(
+            collect(byte_window(source(), 0, None)).await.unwrap(),
+            b"abcdefghi"
+        );
+        assert_eq!(
+            collect(byte_window(source(), 2, Some(7))).await.unwrap(),
+            b"cdefg"
+        );
+        assert_eq!(
+            collect(byte_window(source(), 3, Some(6))).await.unwrap(),
+            b"def"
+        );
+        assert_eq!(collect(byte_window(source(), 8, None)).await.unwrap(), b"i");
     }
 }

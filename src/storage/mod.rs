@@ -49,6 +49,21 @@ impl Storage {
         &self.root
     }
 
+    /// Whether a blob of `size` bytes fits with room to spare, so a cold
+    /// download that cannot be stored is passed through instead of failing
+    /// midway with ENOSPC.
+    pub fn has_room_for(&self, size: u64) -> bool {
+        // Keep some space for index files and concurrent downloads.
+        const RESERVE: u64 = 16 << 20;
+        match rustix::fs::statvfs(&self.root) {
+            Ok(stats) => {
+                stats.f_bavail.saturating_mul(stats.f_frsize) >= size.saturating_add(RESERVE)
+            }
+            // Unknown: try to store; a write error still fails safely.
+            Err(_) => true,
+        }
+    }
+
     fn staging_dir(&self) -> PathBuf {
         self.root.join("staging")
     }

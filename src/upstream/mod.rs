@@ -3,18 +3,22 @@
 //! without leaking credentials, and applies timeouts.
 
 pub mod auth;
+pub mod courtesy;
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
 use reqwest::header::{
     ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER,
 };
 use reqwest::{Method, Response, StatusCode, Url};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::config::UpstreamConfig;
 use crate::reference::{Digest, RepoName};
 use auth::{Authenticator, Credentials};
+use courtesy::Courtesy;
 
 /// Every manifest media type Kura passes through, so the upstream never
 /// down-converts (e.g. an index to a single-platform manifest).
@@ -106,6 +110,41 @@ pub struct Upstream {
     auth: Authenticator,
     docker_hub: bool,
     response_timeout: Duration,
+    courtesy: Courtesy,
+}
+
+/// An upstream response that holds one of the capped connection slots
+/// until it (or its body stream) is dropped.
+pub struct SlottedResponse {
+    response: Response,
+    slot: OwnedSemaphorePermit,
+}
+
+impl SlottedResponse {
+    pub fn headers(&self) -> &HeaderMap {
+        self.response.headers()
+    }
+
+    pub fn content_length(&self) -> Option<u64> {
+        content_length(self.response.headers())
+    }
+
+    /// A whole (small) body: manifests, tag lists.
+    async fn bytes(self) -> Result<Bytes, UpstreamError> {
+        self.response
+            .bytes()
+            .await
+            .map_err(UpstreamError::from_transport)
+    }
+
+    /// The body as a stream of chunks; the slot is released when it ends.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static {
+        let slot = self.slot;
+        self.response.bytes_stream().map(move |chunk| {
+            let _held = &slot;
+            chunk.map_err(UpstreamError::from_transport)
+        })
+    }
 }
 
 impl Upstream {
@@ -134,6 +173,7 @@ impl Upstream {
             http,
             docker_hub,
             response_timeout: config.response_timeout,
+            courtesy: Courtesy::new(config.max_connections),
         })
     }
 
@@ -168,7 +208,9 @@ impl Upstream {
         name: &RepoName,
         suffix: &str,
         accept: Option<&'static str>,
-    ) -> Result<Response, UpstreamError> {
+    ) -> Result<SlottedResponse, UpstreamError> {
+        self.courtesy.check_pause()?;
+        let slot = self.courtesy.slot(self.response_timeout).await?;
         let upstream_name = self.upstream_name(name);
         let url = self.url(&upstream_name, suffix);
         let scope = format!("repository:{upstream_name}:pull");
@@ -196,9 +238,18 @@ impl Upstream {
                 }
             }
             if !response.status().is_success() {
-                return Err(UpstreamError::from_response(response).await);
+                let err = UpstreamError::from_response(response).await;
+                if let UpstreamError::Status {
+                    status,
+                    retry_after,
+                    ..
+                } = &err
+                {
+                    self.courtesy.observe(*status, *retry_after);
+                }
+                return Err(err);
             }
-            return Ok(response);
+            return Ok(SlottedResponse { response, slot });
         }
         unreachable!("the loop returns on its second attempt")
     }
@@ -226,10 +277,7 @@ impl Upstream {
             .send(Method::GET, name, &suffix, Some(MANIFEST_ACCEPT))
             .await?;
         let meta = manifest_meta(response.headers());
-        let body = response
-            .bytes()
-            .await
-            .map_err(UpstreamError::from_transport)?;
+        let body = response.bytes().await?;
         Ok((meta, body))
     }
 
@@ -251,7 +299,7 @@ impl Upstream {
         &self,
         name: &RepoName,
         digest: &Digest,
-    ) -> Result<Response, UpstreamError> {
+    ) -> Result<SlottedResponse, UpstreamError> {
         let suffix = format!("blobs/{digest}");
         self.send(Method::GET, name, &suffix, None).await
     }
@@ -268,9 +316,8 @@ impl Upstream {
             format!("tags/list?{query}")
         };
         let response = self.send(Method::GET, name, &suffix, None).await?;
-        let list: TagList = response
-            .json()
-            .await
+        let body = response.bytes().await?;
+        let list: TagList = serde_json::from_slice(&body)
             .map_err(|e| UpstreamError::Unreachable(format!("unreadable tag list: {e}")))?;
         Ok(list.tags.unwrap_or_default())
     }
