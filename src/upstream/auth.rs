@@ -38,7 +38,7 @@ impl Credentials {
 
 /// What the upstream asked for in its last challenge.
 #[derive(Debug, Clone)]
-enum Scheme {
+pub enum Scheme {
     Basic,
     Bearer { realm: Url, service: Option<String> },
 }
@@ -171,8 +171,9 @@ impl Authenticator {
     }
 }
 
-/// Picks Bearer over Basic when an upstream offers both.
-fn parse_scheme(header: &str) -> Option<Scheme> {
+/// Parses a `WWW-Authenticate` value, picking Bearer over Basic when an
+/// upstream offers both. `None` for anything unusable.
+pub fn parse_scheme(header: &str) -> Option<Scheme> {
     let challenges = http_auth::parse_challenges(header).ok()?;
     let bearer = challenges
         .iter()
