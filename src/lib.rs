@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod logging;
 pub mod reference;
+pub mod routing;
 pub mod server;
 pub mod storage;
 pub mod upstream;

@@ -11,6 +11,7 @@ use super::error::{ApiError, ErrorCode};
 use crate::cache::Cache;
 use crate::cache::tags::{Page, paginate};
 use crate::reference::RepoName;
+use crate::storage::Storage;
 
 /// `n` and `last` from a query string.
 struct Paging {
@@ -41,10 +42,9 @@ fn parse_paging(query: &str) -> Result<Paging, ApiError> {
     Ok(paging)
 }
 
-pub async fn catalog(cache: &Arc<Cache>, query: &str) -> Result<Response, ApiError> {
+pub async fn catalog(storage: &Storage, query: &str) -> Result<Response, ApiError> {
     let paging = parse_paging(query)?;
-    let repositories = cache
-        .storage()
+    let repositories = storage
         .list_repositories()
         .await
         .map_err(|e| ApiError::internal(format!("listing repositories: {e}")))?;
@@ -53,12 +53,19 @@ pub async fn catalog(cache: &Arc<Cache>, query: &str) -> Result<Response, ApiErr
     Ok(with_next_link("/v2/_catalog", &page, paging.n, body))
 }
 
-pub async fn tags(cache: &Arc<Cache>, name: &RepoName, query: &str) -> Result<Response, ApiError> {
+/// `repo` is the name within its upstream; `requested` the name as the
+/// client wrote it (with a registry prefix, if any), which the answer echoes.
+pub async fn tags(
+    cache: &Arc<Cache>,
+    repo: &RepoName,
+    requested: &str,
+    query: &str,
+) -> Result<Response, ApiError> {
     let paging = parse_paging(query)?;
-    let page = cache.tags(name, paging.n, paging.last.as_deref()).await?;
-    let body = json!({ "name": name.as_str(), "tags": page.items });
+    let page = cache.tags(repo, paging.n, paging.last.as_deref()).await?;
+    let body = json!({ "name": requested, "tags": page.items });
     Ok(with_next_link(
-        &format!("/v2/{name}/tags/list"),
+        &format!("/v2/{requested}/tags/list"),
         &page,
         paging.n,
         body,

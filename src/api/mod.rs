@@ -17,17 +17,19 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 
-use crate::cache::Cache;
 use crate::reference::{Digest, DigestError, Reference, RepoName};
+use crate::routing::Registries;
+use crate::storage::Storage;
 use error::{ApiError, ErrorCode};
 use route::Route;
 
 pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
 pub const DIGEST_HEADER: &str = "docker-content-digest";
+pub const NAMESPACE_HEADER: &str = "oci-namespace";
 
 /// How a response was produced, for the access log.
 #[derive(Debug, Clone, Copy)]
@@ -39,10 +41,21 @@ impl Outcome {
     }
 }
 
-pub fn router(cache: Arc<Cache>, access_log: bool) -> Router {
+/// What every request handler can reach.
+#[derive(Clone)]
+struct AppState {
+    registries: Arc<Registries>,
+    /// The root view, for `_catalog` across every upstream.
+    storage: Storage,
+}
+
+pub fn router(registries: Arc<Registries>, storage: Storage, access_log: bool) -> Router {
     let router = Router::new()
         .fallback(dispatch)
-        .with_state(cache)
+        .with_state(AppState {
+            registries,
+            storage,
+        })
         .layer(middleware::from_fn(add_api_version));
     if access_log {
         router.layer(middleware::from_fn(log_access))
@@ -51,7 +64,7 @@ pub fn router(cache: Arc<Cache>, access_log: bool) -> Router {
     }
 }
 
-async fn dispatch(State(cache): State<Arc<Cache>>, request: Request) -> Response {
+async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     let head = match *request.method() {
         Method::GET => false,
         Method::HEAD => true,
@@ -61,27 +74,53 @@ async fn dispatch(State(cache): State<Arc<Cache>>, request: Request) -> Response
         return (StatusCode::NOT_FOUND, "404 page not found\n").into_response();
     };
     let query = request.uri().query().unwrap_or("");
-    let result = match route {
+    let ns = namespace_param(query);
+    let result = handle(&state, route, head, query, ns.as_deref(), request.headers()).await;
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    // The distribution spec's answer to a request that named its registry.
+    if let Some(value) = ns.and_then(|ns| HeaderValue::from_str(&ns).ok()) {
+        response.headers_mut().insert(NAMESPACE_HEADER, value);
+    }
+    response
+}
+
+async fn handle(
+    state: &AppState,
+    route: Route<'_>,
+    head: bool,
+    query: &str,
+    ns: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    match route {
         Route::Base => Ok(axum::Json(serde_json::json!({})).into_response()),
-        Route::Catalog => listing::catalog(&cache, query).await,
-        Route::Tags { name } => match parse_name(name) {
-            Ok(name) => listing::tags(&cache, &name, query).await,
-            Err(err) => Err(err),
-        },
-        Route::Manifest { name, reference } => match (parse_name(name), parse_reference(reference))
-        {
-            (Ok(name), Ok(reference)) => manifests::serve(&cache, &name, &reference, head).await,
-            (Err(err), _) | (_, Err(err)) => Err(err),
-        },
-        Route::Blob { name, digest } => match (parse_name(name), parse_digest(digest)) {
-            (Ok(name), Ok(digest)) => {
-                blobs::serve(&cache, &name, &digest, head, request.headers()).await
-            }
-            (Err(err), _) | (_, Err(err)) => Err(err),
-        },
+        Route::Catalog => listing::catalog(&state.storage, query).await,
+        Route::Tags { name } => {
+            let routed = state.registries.route(name, ns)?;
+            let repo = parse_name(routed.name)?;
+            listing::tags(&routed.cache, &repo, name, query).await
+        }
+        Route::Manifest { name, reference } => {
+            let routed = state.registries.route(name, ns)?;
+            let repo = parse_name(routed.name)?;
+            let reference = parse_reference(reference)?;
+            manifests::serve(&routed.cache, &repo, &reference, head).await
+        }
+        Route::Blob { name, digest } => {
+            let routed = state.registries.route(name, ns)?;
+            let repo = parse_name(routed.name)?;
+            let digest = parse_digest(digest)?;
+            blobs::serve(&routed.cache, &repo, &digest, head, headers).await
+        }
         Route::Upload => Err(read_only()),
-    };
-    result.unwrap_or_else(IntoResponse::into_response)
+    }
+}
+
+/// containerd's `?ns=<registry>`.
+fn namespace_param(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "ns")
+        .map(|(_, value)| value.into_owned())
 }
 
 fn unsupported_method(path: &str) -> Response {

@@ -41,10 +41,6 @@ impl Cache {
             downloads: Default::default(),
         }
     }
-
-    pub fn storage(&self) -> &Storage {
-        &self.storage
-    }
 }
 
 /// Translates an upstream failure into what the client is told.

@@ -20,7 +20,11 @@ pub struct TagLink {
 
 impl Storage {
     fn repo_dir(&self, name: &RepoName) -> PathBuf {
-        self.repositories_dir().join(name.as_str())
+        let mut dir = self.repositories_dir();
+        if let Some(namespace) = &self.namespace {
+            dir.push(namespace);
+        }
+        dir.join(name.as_str())
     }
 
     fn tags_dir(&self, name: &RepoName) -> PathBuf {
@@ -95,7 +99,8 @@ impl Storage {
         Ok(tags)
     }
 
-    /// Every repository with at least one cached manifest, sorted.
+    /// Every repository with at least one cached manifest, in every
+    /// namespace, as clients address them (`ghcr.io/org/app`), sorted.
     pub async fn list_repositories(&self) -> io::Result<Vec<String>> {
         let mut repos = Vec::new();
         let mut pending = vec![(self.repositories_dir(), String::new())];

@@ -26,6 +26,10 @@ pub use blobs::StagedBlob;
 #[derive(Debug, Clone)]
 pub struct Storage {
     root: PathBuf,
+    /// The registry whose repositories this view indexes (`ghcr.io`), so
+    /// equal repository names of different upstreams never collide; `None`
+    /// for the default upstream. Blobs are shared by all views.
+    namespace: Option<String>,
 }
 
 impl Storage {
@@ -34,6 +38,7 @@ impl Storage {
     pub async fn open(root: &Path) -> io::Result<Self> {
         let storage = Self {
             root: root.to_owned(),
+            namespace: None,
         };
         let staging = storage.staging_dir();
         if fs::try_exists(&staging).await? {
@@ -47,6 +52,16 @@ impl Storage {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// A view whose repositories live under `repositories/<registry>/`,
+    /// which is also how `_catalog` then lists them. `registry` must be a
+    /// validated registry name (no `/`, no `..`).
+    pub fn namespaced(&self, registry: &str) -> Self {
+        Self {
+            root: self.root.clone(),
+            namespace: Some(registry.to_owned()),
+        }
     }
 
     /// Whether a blob of `size` bytes fits with room to spare, so a cold

@@ -15,6 +15,8 @@ use reqwest::header::{
 use reqwest::{Method, Response, StatusCode, Url};
 use tokio::sync::OwnedSemaphorePermit;
 
+use anyhow::Context as _;
+
 use crate::config::UpstreamConfig;
 use crate::reference::{Digest, RepoName};
 use auth::{Authenticator, Credentials};
@@ -29,8 +31,6 @@ application/vnd.docker.distribution.manifest.v2+json, \
 application/vnd.docker.distribution.manifest.v1+prettyjws, \
 application/vnd.docker.distribution.manifest.v1+json, \
 application/vnd.oci.artifact.manifest.v1+json";
-
-const DOCKER_HUB_HOSTS: &[&str] = &["registry-1.docker.io", "index.docker.io", "docker.io"];
 
 /// How an upstream request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -151,11 +151,21 @@ impl Upstream {
     pub fn new(config: &UpstreamConfig) -> anyhow::Result<Self> {
         // reqwest drops Authorization when a redirect changes host, which is
         // what Docker Hub's and S3-backed registries' blob redirects need.
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.idle_timeout)
             .user_agent(concat!("kura/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .danger_accept_invalid_certs(config.insecure);
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cafile: cannot read {}", path.display()))?;
+            for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("cafile: {} is not PEM", path.display()))?
+            {
+                http = http.add_root_certificate(certificate);
+            }
+        }
+        let http = http.build()?;
         let credentials = config.username.clone().map(|username| Credentials {
             username,
             password: config
@@ -163,10 +173,7 @@ impl Upstream {
                 .clone()
                 .unwrap_or_else(|| String::new().into()),
         });
-        let docker_hub = config
-            .url
-            .host_str()
-            .is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h));
+        let docker_hub = config.is_docker_hub();
         Ok(Self {
             base: config.url.clone(),
             auth: Authenticator::new(http.clone(), credentials, config.response_timeout),

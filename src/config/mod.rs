@@ -6,13 +6,22 @@
 //! a key it does implement with an invalid value is a startup error naming
 //! the key.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use reqwest::Url;
 use serde_yaml::{Mapping, Value};
+
+mod keys;
+mod upstreams;
+
+pub use keys::parse_duration;
+use keys::{KeyReader, apply_env_overrides};
+pub use upstreams::{UpstreamConfig, validate_registry_name};
+use upstreams::{
+    apply_docker_credentials, builtin_defaults, docker_config_credentials, parse_upstream_url,
+    read_upstream, read_upstream_list,
+};
 
 /// Docker Hub's registry API host: what Kura mirrors with no configuration.
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
@@ -27,33 +36,16 @@ pub struct Config {
     pub listen: String,
     /// `storage.filesystem.rootdirectory`.
     pub storage_root: PathBuf,
-    pub upstream: UpstreamConfig,
+    /// `proxy:`: the upstream for requests that name no registry. `None`
+    /// when only `upstreams:` are configured.
+    pub default_upstream: Option<UpstreamConfig>,
+    /// `upstreams:`: named registries, addressed by `?ns=` or a path prefix.
+    pub upstreams: Vec<UpstreamConfig>,
     /// `proxy.ttl`: how long unused content is kept; `None` disables expiry.
     pub blob_ttl: Option<Duration>,
     pub log: LogConfig,
     /// Paths of configured keys that Kura accepts but does not implement.
     pub ignored_keys: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct UpstreamConfig {
-    /// `proxy.remoteurl`.
-    pub url: Url,
-    /// `proxy.username`.
-    pub username: Option<String>,
-    /// `proxy.password`.
-    pub password: Option<Secret>,
-    /// `proxy.tagttl`: how long a resolved tag is served without asking upstream.
-    pub tag_ttl: Duration,
-    /// `proxy.connecttimeout`: TCP + TLS connection setup.
-    pub connect_timeout: Duration,
-    /// `proxy.responsetimeout`: longest wait for an upstream's response
-    /// headers, so a hung upstream cannot stall a cached tag for longer.
-    pub response_timeout: Duration,
-    /// `proxy.idletimeout`: longest silence while streaming a blob.
-    pub idle_timeout: Duration,
-    /// `proxy.maxconnections`: concurrent upstream requests at most.
-    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,7 +104,7 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
 }
 
-fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
         reason: reason.into(),
@@ -134,7 +126,7 @@ impl Config {
         apply_env_overrides(&mut tree, env);
         let mut keys = KeyReader::new(&tree);
         let mut config = Self::from_keys(&mut keys)?;
-        config.ignored_keys = keys.unread_leaves();
+        config.ignored_keys.extend(keys.unread_leaves());
         config.apply(overrides)?;
         Ok(config)
     }
@@ -146,46 +138,32 @@ impl Config {
             .string("storage.filesystem.rootdirectory")?
             .map(PathBuf::from)
             .unwrap_or_else(default_storage_root);
-        let upstream = UpstreamConfig {
-            url: parse_upstream_url(
-                "proxy.remoteurl",
-                &keys
-                    .string("proxy.remoteurl")?
-                    .unwrap_or_else(|| DOCKER_HUB_URL.into()),
-            )?,
-            username: keys.string("proxy.username")?.filter(|u| !u.is_empty()),
-            password: keys
-                .string("proxy.password")?
-                .filter(|p| !p.is_empty())
-                .map(Secret),
-            tag_ttl: keys
-                .duration("proxy.tagttl")?
-                .unwrap_or(Duration::from_secs(60)),
-            connect_timeout: keys
-                .duration("proxy.connecttimeout")?
-                .unwrap_or(Duration::from_secs(2)),
-            response_timeout: keys
-                .duration("proxy.responsetimeout")?
-                .unwrap_or(Duration::from_millis(2500)),
-            idle_timeout: keys
-                .duration("proxy.idletimeout")?
-                .unwrap_or(Duration::from_secs(30)),
-            max_connections: keys.count("proxy.maxconnections")?.unwrap_or(32),
-        };
+        let has_proxy = keys.string("proxy.remoteurl")?.is_some();
+        let proxy = read_upstream(keys, "proxy.", &builtin_defaults())?;
+        let (mut upstreams, ignored_in_list) = read_upstream_list(keys, &proxy)?;
+        // With no registry configured at all, Kura is a Docker Hub mirror.
+        let mut default_upstream = (has_proxy || upstreams.is_empty()).then_some(proxy);
+        if let Some(path) = keys.string("dockerconfig")? {
+            let credentials = docker_config_credentials("dockerconfig", Path::new(&path))?;
+            for upstream in upstreams.iter_mut().chain(default_upstream.as_mut()) {
+                apply_docker_credentials(upstream, &credentials);
+            }
+        }
         let blob_ttl = keys
             .duration("proxy.ttl")?
             .unwrap_or(Duration::from_secs(168 * 3600));
         Ok(Self {
             listen,
             storage_root,
-            upstream,
+            default_upstream,
+            upstreams,
             blob_ttl: (!blob_ttl.is_zero()).then_some(blob_ttl),
             log: LogConfig {
                 level: parse_log_level(keys.string("log.level")?)?,
                 json: parse_formatter(keys.string("log.formatter")?)?,
                 access_log: !keys.bool("log.accesslog.disabled")?.unwrap_or(false),
             },
-            ignored_keys: Vec::new(),
+            ignored_keys: ignored_in_list,
         })
     }
 
@@ -194,7 +172,9 @@ impl Config {
             self.listen = normalise_listen(listen);
         }
         if let Some(url) = &overrides.upstream {
-            self.upstream.url = parse_upstream_url("--upstream", url)?;
+            let url = parse_upstream_url("--upstream", url)?;
+            let upstream = self.default_upstream.get_or_insert_with(builtin_defaults);
+            upstream.url = url;
         }
         if let Some(dir) = &overrides.cache_dir {
             self.storage_root = dir.clone();
@@ -218,44 +198,6 @@ fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
     })
 }
 
-/// Distribution's rule: `REGISTRY_PROXY_REMOTEURL=x` sets `proxy.remoteurl: x`.
-fn apply_env_overrides(tree: &mut Value, env: impl IntoIterator<Item = (String, String)>) {
-    for (name, value) in env {
-        let Some(path) = name.strip_prefix("REGISTRY_") else {
-            continue;
-        };
-        let segments: Vec<String> = path.split('_').map(str::to_lowercase).collect();
-        if segments.iter().any(String::is_empty) {
-            continue;
-        }
-        set_path(tree, &segments, Value::String(value));
-    }
-}
-
-fn set_path(tree: &mut Value, segments: &[String], value: Value) {
-    let Some((last, parents)) = segments.split_last() else {
-        return;
-    };
-    let mut node = tree;
-    for segment in parents {
-        if !matches!(node, Value::Mapping(_)) {
-            *node = Value::Mapping(Mapping::new());
-        }
-        let Value::Mapping(map) = node else {
-            unreachable!("just made a mapping")
-        };
-        node = map
-            .entry(Value::String(segment.clone()))
-            .or_insert(Value::Mapping(Mapping::new()));
-    }
-    if !matches!(node, Value::Mapping(_)) {
-        *node = Value::Mapping(Mapping::new());
-    }
-    if let Value::Mapping(map) = node {
-        map.insert(Value::String(last.clone()), value);
-    }
-}
-
 fn reject_unsupported_drivers(keys: &mut KeyReader) -> Result<(), ConfigError> {
     for driver in UNSUPPORTED_DRIVERS {
         let key = format!("storage.{driver}");
@@ -274,17 +216,6 @@ fn normalise_listen(addr: &str) -> String {
         Some(port) => format!("0.0.0.0:{port}"),
         None => addr.to_owned(),
     }
-}
-
-fn parse_upstream_url(key: &str, raw: &str) -> Result<Url, ConfigError> {
-    let url = Url::parse(raw).map_err(|e| invalid(key, format!("{raw:?} is not a URL: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(invalid(
-            key,
-            format!("{raw:?} must be an http(s) URL with a host"),
-        ));
-    }
-    Ok(url)
 }
 
 fn parse_log_level(raw: Option<String>) -> Result<String, ConfigError> {
@@ -311,20 +242,6 @@ fn parse_formatter(raw: Option<String>) -> Result<bool, ConfigError> {
     }
 }
 
-/// Go-style durations (`168h`, `1m30s`, `500ms`); a bare `0` disables.
-pub fn parse_duration(key: &str, raw: &str) -> Result<Duration, ConfigError> {
-    let raw = raw.trim();
-    if raw == "0" {
-        return Ok(Duration::ZERO);
-    }
-    humantime::parse_duration(raw).map_err(|e| {
-        invalid(
-            key,
-            format!("{raw:?} is not a duration like 30s or 168h: {e}"),
-        )
-    })
-}
-
 /// Without configuration, a cache directory that needs no root.
 fn default_storage_root() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
@@ -333,100 +250,6 @@ fn default_storage_root() -> PathBuf {
     match base {
         Some(base) => base.join("kura"),
         None => PathBuf::from("kura-data"),
-    }
-}
-
-/// Reads typed values by dotted path and remembers which were read, so the
-/// rest can be reported as ignored.
-struct KeyReader<'a> {
-    tree: &'a Value,
-    read: BTreeSet<String>,
-}
-
-impl<'a> KeyReader<'a> {
-    fn new(tree: &'a Value) -> Self {
-        Self {
-            tree,
-            read: BTreeSet::new(),
-        }
-    }
-
-    fn lookup(&self, key: &str) -> Option<&'a Value> {
-        key.split('.')
-            .try_fold(self.tree, |node, segment| node.get(segment))
-    }
-
-    fn exists(&self, key: &str) -> bool {
-        self.lookup(key).is_some()
-    }
-
-    fn string(&mut self, key: &str) -> Result<Option<String>, ConfigError> {
-        self.read.insert(key.to_owned());
-        match self.lookup(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(Value::Number(n)) => Ok(Some(n.to_string())),
-            Some(Value::Bool(b)) => Ok(Some(b.to_string())),
-            Some(_) => Err(invalid(key, "expected a single value, found a list or map")),
-        }
-    }
-
-    fn bool(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
-        match self.string(key)?.as_deref() {
-            None => Ok(None),
-            Some("true") => Ok(Some(true)),
-            Some("false") => Ok(Some(false)),
-            Some(other) => Err(invalid(key, format!("{other:?} is not true or false"))),
-        }
-    }
-
-    /// A positive integer.
-    fn count(&mut self, key: &str) -> Result<Option<usize>, ConfigError> {
-        match self.string(key)? {
-            None => Ok(None),
-            Some(raw) => match raw.parse::<usize>() {
-                Ok(n) if n > 0 => Ok(Some(n)),
-                _ => Err(invalid(key, format!("{raw:?} is not a positive integer"))),
-            },
-        }
-    }
-
-    fn duration(&mut self, key: &str) -> Result<Option<Duration>, ConfigError> {
-        self.string(key)?
-            .map(|raw| parse_duration(key, &raw))
-            .transpose()
-    }
-
-    /// Every leaf path in the tree that no reader asked for.
-    fn unread_leaves(&self) -> Vec<String> {
-        let mut leaves = Vec::new();
-        collect_leaves(self.tree, String::new(), &mut leaves);
-        leaves.retain(|leaf| !self.read.contains(leaf));
-        leaves
-    }
-}
-
-fn collect_leaves(node: &Value, prefix: String, out: &mut Vec<String>) {
-    match node {
-        Value::Mapping(map) if !map.is_empty() => {
-            for (key, child) in map {
-                let key = match key {
-                    Value::String(s) => s.clone(),
-                    other => serde_yaml::to_string(other)
-                        .unwrap_or_default()
-                        .trim()
-                        .to_owned(),
-                };
-                let path = if prefix.is_empty() {
-                    key
-                } else {
-                    format!("{prefix}.{key}")
-                };
-                collect_leaves(child, path, out);
-            }
-        }
-        _ if !prefix.is_empty() => out.push(prefix),
-        _ => {}
     }
 }
 
@@ -447,11 +270,14 @@ mod tests {
         let config = Config::load(None, [], &Overrides::default()).unwrap();
         assert_eq!(config.listen, "0.0.0.0:5000");
         assert_eq!(
-            config.upstream.url.as_str(),
+            config.default_upstream.as_ref().unwrap().url.as_str(),
             "https://registry-1.docker.io/"
         );
         assert_eq!(config.blob_ttl, Some(Duration::from_secs(168 * 3600)));
-        assert_eq!(config.upstream.tag_ttl, Duration::from_secs(60));
+        assert_eq!(
+            config.default_upstream.as_ref().unwrap().tag_ttl,
+            Duration::from_secs(60)
+        );
         assert!(config.log.access_log);
     }
 
@@ -466,9 +292,30 @@ mod tests {
         .unwrap();
         assert_eq!(config.listen, "127.0.0.1:5001");
         assert_eq!(config.storage_root, PathBuf::from("/tmp/x"));
-        assert_eq!(config.upstream.url.as_str(), "http://up:5000/");
-        assert_eq!(config.upstream.username.as_deref(), Some("u"));
-        assert_eq!(config.upstream.password.as_ref().unwrap().expose(), "p");
+        assert_eq!(
+            config.default_upstream.as_ref().unwrap().url.as_str(),
+            "http://up:5000/"
+        );
+        assert_eq!(
+            config
+                .default_upstream
+                .as_ref()
+                .unwrap()
+                .username
+                .as_deref(),
+            Some("u")
+        );
+        assert_eq!(
+            config
+                .default_upstream
+                .as_ref()
+                .unwrap()
+                .password
+                .as_ref()
+                .unwrap()
+                .expose(),
+            "p"
+        );
         assert_eq!(config.blob_ttl, None);
         assert_eq!(
             config.log,
@@ -494,8 +341,14 @@ mod tests {
             ("UNRELATED", "x"),
         ];
         let config = load_yaml(yaml, &env).unwrap();
-        assert_eq!(config.upstream.url.as_str(), "http://env:2/");
-        assert_eq!(config.upstream.tag_ttl, Duration::from_secs(300));
+        assert_eq!(
+            config.default_upstream.as_ref().unwrap().url.as_str(),
+            "http://env:2/"
+        );
+        assert_eq!(
+            config.default_upstream.as_ref().unwrap().tag_ttl,
+            Duration::from_secs(300)
+        );
         assert_eq!(config.storage_root, PathBuf::from("/env/root"));
         assert_eq!(config.listen, "0.0.0.0:6000");
 
@@ -507,7 +360,10 @@ mod tests {
                 cache_dir: Some("/flag".into()),
             })
             .unwrap();
-        assert_eq!(config.upstream.url.as_str(), "http://flag:3/");
+        assert_eq!(
+            config.default_upstream.as_ref().unwrap().url.as_str(),
+            "http://flag:3/"
+        );
         assert_eq!(config.listen, "127.0.0.1:7");
         assert_eq!(config.storage_root, PathBuf::from("/flag"));
     }

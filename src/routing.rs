@@ -1,0 +1,95 @@
+//! Which upstream serves a request, in this order: containerd's
+//! `?ns=<registry>`; a first path segment naming a configured registry
+//! (`/v2/ghcr.io/org/app/...`, what a Podman mirror location with a path
+//! sends); the default (`proxy:`) upstream.
+//!
+//! Kura never dials a host taken from client input: a registry name that is
+//! not configured is a 404 `NAME_UNKNOWN`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::api::error::{ApiError, ErrorCode};
+use crate::cache::Cache;
+use crate::config::validate_registry_name;
+
+pub struct Registries {
+    default: Option<Arc<Cache>>,
+    /// Every name a registry answers to (`ns=` values and path prefixes):
+    /// configured names, remote hosts, and Docker Hub's aliases.
+    by_name: HashMap<String, Arc<Cache>>,
+    /// With an `upstreams:` list, unknown registry names are refused; in
+    /// Distribution-compatible single-upstream mode, `ns` is ignored (as
+    /// Distribution does) and host-like path segments are repository names.
+    strict: bool,
+}
+
+/// A request's upstream and the repository name within it.
+pub struct Routed<'a> {
+    pub cache: Arc<Cache>,
+    pub name: &'a str,
+}
+
+impl Registries {
+    /// `named` pairs each cache with the names it answers to.
+    pub fn new(
+        default: Option<(Arc<Cache>, Vec<String>)>,
+        named: Vec<(Arc<Cache>, Vec<String>)>,
+    ) -> Self {
+        let strict = !named.is_empty();
+        let mut by_name = HashMap::new();
+        // Named upstreams win over the default's aliases on a clash.
+        for (cache, names) in default.iter().chain(&named) {
+            for name in names {
+                by_name.insert(name.clone(), cache.clone());
+            }
+        }
+        Self {
+            default: default.map(|(cache, _)| cache),
+            by_name,
+            strict,
+        }
+    }
+
+    pub fn route<'a>(&self, name: &'a str, ns: Option<&str>) -> Result<Routed<'a>, ApiError> {
+        if let Some(ns) = ns {
+            if let Some(cache) = self.by_name.get(ns) {
+                return Ok(Routed {
+                    cache: cache.clone(),
+                    name,
+                });
+            }
+            if self.strict {
+                return Err(not_configured(ns));
+            }
+        }
+        if let Some((first, rest)) = name.split_once('/') {
+            if let Some(cache) = self.by_name.get(first) {
+                return Ok(Routed {
+                    cache: cache.clone(),
+                    name: rest,
+                });
+            }
+            if self.strict && validate_registry_name(first).is_ok() {
+                return Err(not_configured(first));
+            }
+        }
+        match &self.default {
+            Some(cache) => Ok(Routed {
+                cache: cache.clone(),
+                name,
+            }),
+            None => Err(ApiError::new(
+                ErrorCode::NameUnknown,
+                "no default upstream is configured: name the registry with ?ns= or a path prefix",
+            )),
+        }
+    }
+}
+
+fn not_configured(registry: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::NameUnknown,
+        format!("registry {registry:?} is not configured in this cache"),
+    )
+}
