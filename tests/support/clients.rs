@@ -167,9 +167,15 @@ pub struct PodmanImage {
 /// Pulls `upstream.test/IMAGE` with a fresh, private podman store (vfs) whose registries.conf
 /// sends `upstream.test` to `mirror_addr` (plain HTTP) and its own location to a dead port.
 pub fn podman_pull(mirror_addr: impl Display, image: &str) -> PodmanImage {
+    podman_pull_via(MIRRORED_REGISTRY, &mirror_addr.to_string(), image)
+}
+
+/// Pulls `REGISTRY/IMAGE` where registries.conf sends `registry` to the
+/// mirror `location` (which may carry a path, e.g. `127.0.0.1:5000/ghcr.io`).
+pub fn podman_pull_via(registry: &str, location: &str, image: &str) -> PodmanImage {
     let dir = temp_dir("kura-podman-");
-    let podman = Podman::new(dir.path(), &mirror_addr.to_string());
-    let reference = format!("{MIRRORED_REGISTRY}/{image}");
+    let podman = Podman::new(dir.path(), registry, location);
+    let reference = format!("{registry}/{image}");
     podman.run(&["pull", "--quiet", &reference]);
     let inspect = podman.run(&["image", "inspect", "--format", "json", &reference]);
     parse_podman_inspect(&inspect.stdout)
@@ -182,9 +188,9 @@ struct Podman {
 }
 
 impl Podman {
-    fn new(dir: &Path, mirror: &str) -> Self {
+    fn new(dir: &Path, registry: &str, mirror: &str) -> Self {
         let registries = format!(
-            "unqualified-search-registries = []\n\n[[registry]]\nprefix = \"{MIRRORED_REGISTRY}\"\n\
+            "unqualified-search-registries = []\n\n[[registry]]\nprefix = \"{registry}\"\n\
              location = \"{DEAD_LOCATION}\"\n\n[[registry.mirror]]\nlocation = \"{mirror}\"\n\
              insecure = true\n"
         );
@@ -337,13 +343,13 @@ impl Containerd {
         }
     }
 
-    /// A fresh `--hosts-dir` sending `upstream.test` to `mirror` over plain HTTP.
-    fn hosts_dir(&self, mirror: &str) -> TempDir {
+    /// A fresh `--hosts-dir` sending `registry` to `mirror` over plain HTTP.
+    fn hosts_dir(&self, registry: &str, mirror: &str) -> TempDir {
         let hosts = tempfile::Builder::new()
             .prefix("hosts-")
             .tempdir_in(self.dir.path())
             .expect("hosts dir");
-        let registry_dir = hosts.path().join(MIRRORED_REGISTRY);
+        let registry_dir = hosts.path().join(registry);
         std::fs::create_dir_all(&registry_dir).expect("create hosts dir");
         let toml = format!(
             "server = \"http://{DEAD_LOCATION}\"\n\n[host.\"http://{mirror}\"]\n  \
@@ -393,8 +399,24 @@ fn containerd_config(dir: &Path) -> String {
 /// request). The pull unpacks into the default overlayfs snapshotter, which works on these
 /// machines.
 pub fn ctr_pull(containerd: &Containerd, mirror_addr: impl Display, image: &str) -> CtrImage {
-    let hosts = containerd.hosts_dir(&mirror_addr.to_string());
-    let reference = format!("{MIRRORED_REGISTRY}/{image}");
+    ctr_pull_via(
+        containerd,
+        MIRRORED_REGISTRY,
+        &mirror_addr.to_string(),
+        image,
+    )
+}
+
+/// Pulls `REGISTRY/IMAGE` with a hosts dir sending `registry` to `mirror`
+/// (containerd then adds `?ns=REGISTRY` to every mirror request).
+pub fn ctr_pull_via(
+    containerd: &Containerd,
+    registry: &str,
+    mirror: &str,
+    image: &str,
+) -> CtrImage {
+    let hosts = containerd.hosts_dir(registry, mirror);
+    let reference = format!("{registry}/{image}");
     let hosts_dir = hosts.path().to_string_lossy().into_owned();
     containerd.ctr_ok(&["images", "pull", "--hosts-dir", &hosts_dir, &reference]);
     let (target_digest, media_type) = containerd.image_record(&reference);
