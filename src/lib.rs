@@ -13,6 +13,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod reference;
 pub mod routing;
 pub mod server;

@@ -51,6 +51,22 @@ impl Registries {
         }
     }
 
+    /// Labels of every configured upstream, default first.
+    pub fn upstream_labels(&self) -> Vec<String> {
+        let mut labels: Vec<String> = self
+            .default
+            .iter()
+            .map(|c| c.upstream_label().to_owned())
+            .collect();
+        for cache in self.by_name.values() {
+            let label = cache.upstream_label().to_owned();
+            if !labels.contains(&label) {
+                labels.push(label);
+            }
+        }
+        labels
+    }
+
     pub fn route<'a>(&self, name: &'a str, ns: Option<&str>) -> Result<Routed<'a>, ApiError> {
         if let Some(ns) = ns {
             if let Some(cache) = self.by_name.get(ns) {

@@ -1,16 +1,27 @@
 //! `kura serve`: wires storage, upstream clients and caches into the HTTP
-//! API and runs it until SIGINT/SIGTERM.
+//! API (plain or TLS), the optional debug listener and housekeeping, and
+//! runs until SIGINT/SIGTERM, then drains within `http.draintimeout`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use axum::Router;
+use axum_server::Handle;
+use axum_server::tls_rustls::RustlsConfig;
 
+use crate::api::access::Htpasswd;
+use crate::api::{ApiOptions, ops_router, router};
 use crate::cache::Cache;
 use crate::config::{Config, UpstreamConfig};
+use crate::metrics::metrics;
 use crate::routing::Registries;
 use crate::storage::Storage;
 use crate::upstream::Upstream;
+
+/// How often the storage gauges are recomputed.
+const USAGE_INTERVAL: Duration = Duration::from_secs(60);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     for key in &config.ignored_keys {
@@ -25,20 +36,82 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.storage_root.display()
         )
     })?;
-    let registries = build_registries(&config, &storage)?;
-    let listener = TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("http.addr: cannot listen on {}", config.listen))?;
+    let registries = Arc::new(build_registries(&config, &storage)?);
+    let htpasswd = config
+        .htpasswd
+        .as_ref()
+        .map(|auth| {
+            Htpasswd::load(auth)
+                .map(Arc::new)
+                .with_context(|| format!("auth.htpasswd.path: cannot read {}", auth.path.display()))
+        })
+        .transpose()?;
+    let app = router(
+        registries.clone(),
+        storage.clone(),
+        ApiOptions {
+            access_log: config.log.access_log,
+            htpasswd,
+        },
+    );
+    let handle = Handle::new();
+    if let Some(addr) = &config.http.debug_addr {
+        let listener = bind("http.debug.addr", addr)?;
+        tracing::info!(addr = %listener.local_addr()?, "debug listener (metrics, health)");
+        let debug = ops_router(registries, storage.clone());
+        tokio::spawn(serve_plain(listener, debug, handle.clone()));
+    }
+    tokio::spawn(track_storage_usage(storage.clone()));
+    tokio::spawn(shutdown_on_signal(
+        handle.clone(),
+        config.http.drain_timeout,
+    ));
+
+    let listener = bind("http.addr", &config.listen)?;
     tracing::info!(
         addr = %listener.local_addr()?,
+        tls = config.http.tls.is_some(),
         storage = %config.storage_root.display(),
         "kura serving"
     );
-    let app = crate::api::router(Arc::new(registries), storage, config.log.access_log);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+    let served = match &config.http.tls {
+        Some(tls) => {
+            let rustls = RustlsConfig::from_pem_file(&tls.certificate, &tls.key)
+                .await
+                .with_context(|| {
+                    format!(
+                        "http.tls: cannot load {} / {}",
+                        tls.certificate.display(),
+                        tls.key.display()
+                    )
+                })?;
+            axum_server::from_tcp_rustls(listener, rustls)?
+                .handle(handle)
+                .serve(app.into_make_service())
+                .await
+        }
+        None => serve_plain(listener, app, handle).await,
+    };
+    // Downloads cut short by the shutdown can never be committed.
+    if let Err(e) = storage.clear_staging().await {
+        tracing::warn!(error = %e, "cannot clear staging on shutdown");
+    }
+    served.context("http server failed")
+}
+
+fn bind(key: &str, addr: &str) -> anyhow::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr).with_context(|| format!("{key}: cannot listen on {addr}"))
+}
+
+async fn serve_plain(
+    listener: std::net::TcpListener,
+    app: Router,
+    handle: Handle<SocketAddr>,
+) -> std::io::Result<()> {
+    axum_server::from_tcp(listener)?
+        .handle(handle)
+        .serve(app.into_make_service())
         .await
-        .context("http server failed")
 }
 
 fn build_registries(config: &Config, storage: &Storage) -> anyhow::Result<Registries> {
@@ -70,13 +143,37 @@ fn cache_for(
     Ok((cache, upstream.aliases()))
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Keeps the storage gauges current without a walk per scrape.
+async fn track_storage_usage(storage: Storage) {
+    let mut ticks = tokio::time::interval(USAGE_INTERVAL);
+    loop {
+        ticks.tick().await;
+        match storage.usage().await {
+            Ok(usage) => {
+                metrics()
+                    .storage_bytes
+                    .set(i64::try_from(usage.bytes).unwrap_or(i64::MAX));
+                metrics()
+                    .storage_objects
+                    .set(i64::try_from(usage.blobs).unwrap_or(i64::MAX));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot measure storage usage"),
+        }
+    }
+}
+
+/// On SIGINT/SIGTERM: stop accepting, give in-flight responses `drain` to
+/// finish, then close what is left.
+async fn shutdown_on_signal(handle: Handle<SocketAddr>, drain: Duration) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing the SIGTERM handler");
     tokio::select! {
-        _ = ctrl_c => {},
+        _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
-    tracing::info!("shutting down");
+    tracing::info!(
+        drain_seconds = drain.as_secs(),
+        "shutting down: draining in-flight requests"
+    );
+    handle.graceful_shutdown(Some(drain));
 }

@@ -10,7 +10,9 @@ use axum::response::{IntoResponse, Response};
 use super::error::ApiError;
 use super::{Outcome, content_response};
 use crate::cache::Cache;
+use crate::metrics::{SourceLabels, metrics};
 use crate::reference::{Digest, RepoName};
+use futures_util::StreamExt;
 
 const BLOB_CONTENT_TYPE: &str = "application/octet-stream";
 
@@ -35,6 +37,11 @@ pub async fn serve(
     }
     let blob = cache.open_blob(name, digest).await?;
     let outcome = Outcome::from_hit(blob.cache_hit);
+    metrics().lookup("blob", outcome.0);
+    let source = if blob.cache_hit { "cache" } else { "download" };
+    let served = metrics()
+        .blob_bytes_served
+        .get_or_create_owned(&SourceLabels { source });
     let range_header = request_headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok());
@@ -54,7 +61,11 @@ pub async fn serve(
         digest,
         BLOB_CONTENT_TYPE,
         length,
-        Body::from_stream(stream),
+        Body::from_stream(stream.inspect(move |chunk| {
+            if let Ok(chunk) = chunk {
+                served.inc_by(chunk.len() as u64);
+            }
+        })),
         outcome,
     );
     if let (StatusCode::PARTIAL_CONTENT, Some(end), Some(size)) = (status, end, size) {

@@ -10,6 +10,7 @@ use axum::response::Response;
 use super::error::ApiError;
 use super::{Outcome, content_response};
 use crate::cache::Cache;
+use crate::metrics::metrics;
 use crate::reference::{Reference, RepoName};
 
 /// RFC 7234 warning 110: the response is stale (the upstream could not
@@ -28,6 +29,7 @@ pub async fn serve(
     } else {
         Outcome::from_hit(manifest.cache_hit)
     };
+    metrics().lookup("manifest", outcome.0);
     let length = manifest.bytes.len() as u64;
     let body = if head {
         Body::empty()

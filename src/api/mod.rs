@@ -5,10 +5,12 @@
 //! before anything touches storage, and hands over to [`manifests`],
 //! [`blobs`] or [`listing`]. Errors are OCI error JSON ([`error`]).
 
+pub mod access;
 pub mod blobs;
 pub mod error;
 pub mod listing;
 pub mod manifests;
+pub mod ops;
 pub mod route;
 
 use std::sync::Arc;
@@ -20,10 +22,13 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 
+use crate::metrics::{RequestLabels, RouteLabels, metrics};
 use crate::reference::{Digest, DigestError, Reference, RepoName};
 use crate::routing::Registries;
 use crate::storage::Storage;
+use access::Htpasswd;
 use error::{ApiError, ErrorCode};
 use route::Route;
 
@@ -45,23 +50,49 @@ impl Outcome {
 #[derive(Clone)]
 struct AppState {
     registries: Arc<Registries>,
-    /// The root view, for `_catalog` across every upstream.
+    /// The root view, for `_catalog` across every upstream and readiness.
     storage: Storage,
 }
 
-pub fn router(registries: Arc<Registries>, storage: Storage, access_log: bool) -> Router {
-    let router = Router::new()
+/// How the registry API is exposed.
+pub struct ApiOptions {
+    pub access_log: bool,
+    /// Basic authentication required on `/v2/` when set.
+    pub htpasswd: Option<Arc<Htpasswd>>,
+}
+
+/// The registry API plus `/metrics`, `/healthz` and `/readyz`.
+pub fn router(registries: Arc<Registries>, storage: Storage, options: ApiOptions) -> Router {
+    let access_log = options.access_log;
+    let htpasswd = options.htpasswd;
+    ops_routes()
         .fallback(dispatch)
         .with_state(AppState {
             registries,
             storage,
         })
-        .layer(middleware::from_fn(add_api_version));
-    if access_log {
-        router.layer(middleware::from_fn(log_access))
-    } else {
-        router
-    }
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            require_credentials(htpasswd.clone(), request, next)
+        }))
+        .layer(middleware::from_fn(add_api_version))
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            observe(access_log, request, next)
+        }))
+}
+
+/// Only the operations endpoints, for `http.debug.addr`.
+pub fn ops_router(registries: Arc<Registries>, storage: Storage) -> Router {
+    ops_routes().with_state(AppState {
+        registries,
+        storage,
+    })
+}
+
+fn ops_routes() -> Router<AppState> {
+    Router::new()
+        .route("/metrics", get(ops::metrics_text))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
 }
 
 async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
@@ -175,23 +206,89 @@ async fn add_api_version(request: Request, next: Next) -> Response {
     response
 }
 
-/// One line per request. Only method, path, status, outcome and timing:
-/// never headers, so credentials cannot leak into logs.
-async fn log_access(request: Request, next: Next) -> Response {
+/// Metrics for every request, and one access-log line when enabled. Only
+/// method, path, status, outcome and timing: never headers, so credentials
+/// cannot leak into logs.
+async fn observe(access_log: bool, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
-    let outcome = response.extensions().get::<Outcome>().map_or("-", |o| o.0);
-    tracing::info!(
-        target: "kura::access",
-        %method,
-        path,
-        status = response.status().as_u16(),
-        outcome,
-        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-        "request"
-    );
+    let elapsed = started.elapsed();
+    let route = route_label(&path);
+    let status = response.status().as_u16();
+    let m = metrics();
+    m.requests
+        .get_or_create(&RequestLabels {
+            route,
+            method: method.to_string(),
+            status,
+        })
+        .inc();
+    m.request_duration
+        .get_or_create(&RouteLabels { route })
+        .observe(elapsed.as_secs_f64());
+    if access_log {
+        let outcome = response.extensions().get::<Outcome>().map_or("-", |o| o.0);
+        tracing::info!(
+            target: "kura::access",
+            %method,
+            path,
+            status,
+            outcome,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+    response
+}
+
+/// A bounded set of route names for metric labels.
+fn route_label(path: &str) -> &'static str {
+    match route::parse(path) {
+        Some(Route::Base) => "base",
+        Some(Route::Catalog) => "catalog",
+        Some(Route::Tags { .. }) => "tags",
+        Some(Route::Manifest { .. }) => "manifest",
+        Some(Route::Blob { .. }) => "blob",
+        Some(Route::Upload) => "upload",
+        None => match path {
+            "/metrics" => "metrics",
+            "/healthz" | "/readyz" => "health",
+            _ => "other",
+        },
+    }
+}
+
+/// With `auth.htpasswd`, the registry API needs valid Basic credentials;
+/// health and metrics stay open for probes and scrapers. Without it,
+/// whatever `Authorization` a client sends (Docker sends its Hub
+/// credentials to mirrors) is ignored.
+async fn require_credentials(
+    htpasswd: Option<Arc<Htpasswd>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(htpasswd) = htpasswd else {
+        return next.run(request).await;
+    };
+    if !request.uri().path().starts_with("/v2") {
+        return next.run(request).await;
+    }
+    if htpasswd
+        .authorize(request.headers().get(header::AUTHORIZATION))
+        .await
+    {
+        return next.run(request).await;
+    }
+    let mut response =
+        ApiError::new(ErrorCode::Unauthorized, "authentication required").into_response();
+    let challenge = format!("Basic realm=\"{}\"", htpasswd.realm.replace('"', ""));
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
+    }
     response
 }
 

@@ -23,8 +23,10 @@ use tokio::sync::{Mutex, watch};
 
 use super::{Cache, storage_error, upstream_error};
 use crate::api::error::{ApiError, ErrorCode};
+use crate::metrics::{ReasonLabels, UpstreamLabels, metrics};
 use crate::reference::{Digest, RepoName};
 use crate::storage::StagedBlob;
+use crate::storage::blobs::CommitError;
 use crate::upstream::{SlottedResponse, UpstreamError};
 
 /// Read size when serving; large enough to keep syscalls cheap.
@@ -130,7 +132,10 @@ impl Cache {
         let download = {
             let mut in_flight = self.downloads.in_flight.lock().await;
             match in_flight.get(digest) {
-                Some(download) => download.clone(),
+                Some(download) => {
+                    metrics().coalesced_waiters.inc();
+                    download.clone()
+                }
                 // Re-checked under the lock: a download that finished since
                 // the first check committed the blob before leaving the map.
                 None => match self.open_committed(digest).await? {
@@ -178,7 +183,9 @@ impl Cache {
         // Spawned, not driven by the requesting client: the cache fills even
         // if every client disconnects.
         tokio::spawn(async move {
+            metrics().downloads_in_flight.inc();
             let outcome = this.download(&name, &digest, staged, &progress_tx).await;
+            metrics().downloads_in_flight.dec();
             let final_state = match outcome {
                 Ok(state) => state,
                 Err(err) => {
@@ -205,11 +212,18 @@ impl Cache {
         {
             Ok(Staged::Written) => {
                 let total = staged.written();
-                staged.commit(digest).await.map_err(|e| {
-                    ApiError::new(
-                        ErrorCode::Unavailable,
-                        format!("upstream blob rejected: {e}"),
-                    )
+                staged.commit(digest).await.map_err(|e| match e {
+                    CommitError::DigestMismatch { .. } => {
+                        count_failure("digest_mismatch");
+                        ApiError::new(
+                            ErrorCode::Unavailable,
+                            format!("upstream blob rejected: {e}"),
+                        )
+                    }
+                    CommitError::Io(e) => {
+                        count_failure("storage");
+                        storage_error(e)
+                    }
                 })?;
                 tracing::info!(%name, %digest, bytes = total, "blob cached");
                 Ok(Progress::Complete { total })
@@ -245,21 +259,34 @@ impl Cache {
             return Ok(Staged::NoRoom);
         }
         progress.send_replace(Progress::Streaming { total, readable: 0 });
+        let fetched = metrics()
+            .upstream_bytes_fetched
+            .get_or_create_owned(&UpstreamLabels {
+                upstream: self.upstream.label().to_owned(),
+            });
         let mut body = response.into_stream();
         while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| transfer_failed(format!("upstream transfer failed: {e}")))?;
+            let chunk = chunk.map_err(|e| {
+                count_failure("transfer");
+                transfer_failed(format!("upstream transfer failed: {e}"))
+            })?;
+            fetched.inc_by(chunk.len() as u64);
             if total.is_some_and(|total| staged.written() + chunk.len() as u64 > total) {
+                count_failure("overlong");
                 return Err(transfer_failed(
                     "upstream sent more than its Content-Length".into(),
                 ));
             }
-            staged.write(&chunk).await.map_err(storage_error)?;
+            staged.write(&chunk).await.map_err(|e| {
+                count_failure("storage");
+                storage_error(e)
+            })?;
             // The newest chunk stays unreadable until the digest is checked.
             let readable = staged.written() - chunk.len() as u64;
             progress.send_replace(Progress::Streaming { total, readable });
         }
         if total.is_some_and(|total| staged.written() != total) {
+            count_failure("truncated");
             return Err(transfer_failed(
                 "upstream body shorter than its Content-Length".into(),
             ));
@@ -323,6 +350,13 @@ impl Cache {
             .await?
             .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "blob download failed; try again"))
     }
+}
+
+fn count_failure(reason: &'static str) {
+    metrics()
+        .download_failures
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
 }
 
 /// What became of a download's bytes.

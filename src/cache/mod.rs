@@ -43,6 +43,13 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// The upstream's label (registry name, or `proxy`).
+    pub fn upstream_label(&self) -> &str {
+        self.upstream.label()
+    }
+}
+
 /// Translates an upstream failure into what the client is told.
 /// `not_found` is the code for a 404 (`MANIFEST_UNKNOWN`, `BLOB_UNKNOWN`, ...).
 fn upstream_error(err: &UpstreamError, not_found: ErrorCode) -> ApiError {

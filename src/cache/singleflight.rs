@@ -29,10 +29,17 @@ impl<K: Eq + Hash + Clone, V: Clone + Send + Sync + 'static> Flights<K, V> {
     {
         let flight = {
             let mut in_flight = self.in_flight.lock().expect("flights lock");
-            in_flight
-                .entry(key.clone())
-                .or_insert_with(|| work().boxed().shared())
-                .clone()
+            match in_flight.get(&key) {
+                Some(flight) => {
+                    crate::metrics::metrics().coalesced_waiters.inc();
+                    flight.clone()
+                }
+                None => {
+                    let flight = work().boxed().shared();
+                    in_flight.insert(key.clone(), flight.clone());
+                    flight
+                }
+            }
         };
         let result = flight.clone().await;
         let mut in_flight = self.in_flight.lock().expect("flights lock");

@@ -44,9 +44,44 @@ pub struct Config {
     /// `proxy.ttl`: how long unused content is kept; `None` disables expiry.
     pub blob_ttl: Option<Duration>,
     pub log: LogConfig,
+    pub http: HttpConfig,
+    /// `auth.htpasswd`: Basic authentication of clients; `None` = anonymous.
+    pub htpasswd: Option<HtpasswdConfig>,
     /// Paths of configured keys that Kura accepts but does not implement.
     pub ignored_keys: Vec<String>,
 }
+
+/// The rest of Distribution's `http:` section.
+#[derive(Debug, Clone, Default)]
+pub struct HttpConfig {
+    /// `http.tls.certificate` and `http.tls.key` (PEM files).
+    pub tls: Option<TlsConfig>,
+    /// `http.debug.addr`: a second, plain-HTTP listener for /metrics and health.
+    pub debug_addr: Option<String>,
+    /// `http.draintimeout`: how long in-flight responses may finish on SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct HtpasswdConfig {
+    pub realm: String,
+    pub path: PathBuf,
+}
+
+/// Security-relevant Distribution keys Kura does not implement: ignoring
+/// them would silently weaken what the operator configured.
+const REFUSED_SECURITY_KEYS: &[&str] = &[
+    "auth.token",
+    "auth.silly",
+    "http.tls.clientcas",
+    "http.tls.letsencrypt",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
@@ -133,6 +168,14 @@ impl Config {
 
     fn from_keys(keys: &mut KeyReader) -> Result<Self, ConfigError> {
         reject_unsupported_drivers(keys)?;
+        for key in REFUSED_SECURITY_KEYS {
+            if keys.exists(key) {
+                return Err(invalid(
+                    key,
+                    "not supported by Kura; remove it or use auth.htpasswd / http.tls",
+                ));
+            }
+        }
         let listen = normalise_listen(&keys.string("http.addr")?.unwrap_or_else(|| ":5000".into()));
         let storage_root = keys
             .string("storage.filesystem.rootdirectory")?
@@ -163,6 +206,8 @@ impl Config {
                 json: parse_formatter(keys.string("log.formatter")?)?,
                 access_log: !keys.bool("log.accesslog.disabled")?.unwrap_or(false),
             },
+            http: read_http(keys)?,
+            htpasswd: read_htpasswd(keys)?,
             ignored_keys: ignored_in_list,
         })
     }
@@ -180,6 +225,57 @@ impl Config {
             self.storage_root = dir.clone();
         }
         Ok(())
+    }
+}
+
+fn read_http(keys: &mut KeyReader) -> Result<HttpConfig, ConfigError> {
+    let tls = match (
+        keys.string("http.tls.certificate")?,
+        keys.string("http.tls.key")?,
+    ) {
+        (Some(certificate), Some(key)) => Some(TlsConfig {
+            certificate: certificate.into(),
+            key: key.into(),
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                "http.tls.key",
+                "required with http.tls.certificate",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "http.tls.certificate",
+                "required with http.tls.key",
+            ));
+        }
+    };
+    Ok(HttpConfig {
+        tls,
+        debug_addr: keys
+            .string("http.debug.addr")?
+            .map(|addr| normalise_listen(&addr)),
+        drain_timeout: keys
+            .duration("http.draintimeout")?
+            .unwrap_or(Duration::from_secs(30)),
+    })
+}
+
+fn read_htpasswd(keys: &mut KeyReader) -> Result<Option<HtpasswdConfig>, ConfigError> {
+    match (
+        keys.string("auth.htpasswd.path")?,
+        keys.string("auth.htpasswd.realm")?,
+    ) {
+        (Some(path), realm) => Ok(Some(HtpasswdConfig {
+            realm: realm.unwrap_or_else(|| "kura".to_owned()),
+            path: path.into(),
+        })),
+        (None, Some(_)) => Err(invalid(
+            "auth.htpasswd.path",
+            "required with auth.htpasswd.realm",
+        )),
+        (None, None) => Ok(None),
     }
 }
 
@@ -382,6 +478,9 @@ mod tests {
                 "log.accesslog.disabled",
             ),
             ("storage:\n  s3:\n    bucket: b\n", "storage.s3"),
+            ("auth:\n  token:\n    realm: x\n", "auth.token"),
+            ("http:\n  tls:\n    certificate: /c.pem\n", "http.tls.key"),
+            ("http:\n  draintimeout: soon\n", "http.draintimeout"),
         ];
         for (yaml, key) in cases {
             let err = load_yaml(yaml, &[]).unwrap_err().to_string();

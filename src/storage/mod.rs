@@ -95,12 +95,57 @@ impl Storage {
         self.staging_dir().join(uuid::Uuid::new_v4().to_string())
     }
 
+    /// Proves the storage accepts writes (readiness): a probe file in
+    /// staging, written and removed.
+    pub async fn probe_writable(&self) -> io::Result<()> {
+        let probe = self.new_staging_path();
+        fs::write(&probe, b"probe").await?;
+        fs::remove_file(&probe).await
+    }
+
+    /// Bytes and number of committed blobs (a directory walk).
+    pub async fn usage(&self) -> io::Result<Usage> {
+        let blobs_dir = self.blobs_dir();
+        tokio::task::spawn_blocking(move || walk_usage(&blobs_dir))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// Removes everything in staging: on shutdown, downloads that did not
+    /// finish can never be committed.
+    pub async fn clear_staging(&self) -> io::Result<()> {
+        let mut entries = fs::read_dir(self.staging_dir()).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            let _ = fs::remove_file(entry.path()).await;
+        }
+        Ok(())
+    }
+
     /// Writes a small file atomically: staging file, then rename.
     async fn write_atomic(&self, dest: &Path, contents: &[u8]) -> io::Result<()> {
         let staging = self.new_staging_path();
         fs::write(&staging, contents).await?;
         rename_into_place(&staging, dest).await
     }
+}
+
+/// What the committed blobs take up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub blobs: u64,
+}
+
+fn walk_usage(blobs_dir: &Path) -> io::Result<Usage> {
+    let mut usage = Usage::default();
+    for prefix in std::fs::read_dir(blobs_dir)? {
+        for blob in std::fs::read_dir(prefix?.path())? {
+            let meta = blob?.metadata()?;
+            usage.bytes += meta.len();
+            usage.blobs += 1;
+        }
+    }
+    Ok(usage)
 }
 
 /// Renames `from` to `to`, creating `to`'s parent directory if needed.

@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use super::UpstreamError;
 use crate::config::Secret;
+use crate::metrics::{UpstreamLabels, metrics};
 
 /// Distribution's documented default when a token response has no `expires_in`.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
@@ -50,6 +51,8 @@ struct CachedToken {
 
 pub struct Authenticator {
     http: reqwest::Client,
+    /// The upstream's label, for metrics.
+    label: String,
     credentials: Option<Credentials>,
     token_timeout: Duration,
     scheme: Mutex<Option<Scheme>>,
@@ -68,9 +71,11 @@ impl Authenticator {
         http: reqwest::Client,
         credentials: Option<Credentials>,
         token_timeout: Duration,
+        label: String,
     ) -> Self {
         Self {
             http,
+            label,
             credentials,
             token_timeout,
             scheme: Mutex::new(None),
@@ -133,6 +138,12 @@ impl Authenticator {
             }
             query.append_pair("scope", scope);
         }
+        metrics()
+            .token_fetches
+            .get_or_create(&UpstreamLabels {
+                upstream: self.label.clone(),
+            })
+            .inc();
         let mut request = self.http.get(url).timeout(self.token_timeout);
         if let Some(credentials) = &self.credentials {
             request = request.header(reqwest::header::AUTHORIZATION, credentials.basic_header());

@@ -18,6 +18,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use anyhow::Context as _;
 
 use crate::config::UpstreamConfig;
+use crate::metrics::{UpstreamLabels, UpstreamStatusLabels, metrics};
 use crate::reference::{Digest, RepoName};
 use auth::{Authenticator, Credentials};
 use courtesy::Courtesy;
@@ -105,6 +106,8 @@ pub struct ManifestMeta {
 }
 
 pub struct Upstream {
+    /// The registry name, or `proxy` for the default upstream (metrics, logs).
+    label: String,
     base: Url,
     http: reqwest::Client,
     auth: Authenticator,
@@ -174,14 +177,42 @@ impl Upstream {
                 .unwrap_or_else(|| String::new().into()),
         });
         let docker_hub = config.is_docker_hub();
+        let label = config.name.clone().unwrap_or_else(|| "proxy".to_owned());
         Ok(Self {
             base: config.url.clone(),
-            auth: Authenticator::new(http.clone(), credentials, config.response_timeout),
+            auth: Authenticator::new(
+                http.clone(),
+                credentials,
+                config.response_timeout,
+                label.clone(),
+            ),
+            label,
             http,
             docker_hub,
             response_timeout: config.response_timeout,
             courtesy: Courtesy::new(config.max_connections),
         })
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Counts a request; `status` is `None` when no answer came.
+    fn record(&self, status: Option<u16>) {
+        let m = metrics();
+        let status_label = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
+        m.upstream_requests
+            .get_or_create(&UpstreamStatusLabels {
+                upstream: self.label.clone(),
+                status: status_label,
+            })
+            .inc();
+        m.upstream_up
+            .get_or_create(&UpstreamLabels {
+                upstream: self.label.clone(),
+            })
+            .set(i64::from(status.is_some()));
     }
 
     /// The repository name as the upstream knows it.
@@ -231,10 +262,12 @@ impl Upstream {
             }
             // Bounded wait for the response headers: a hung upstream must
             // not hang clients that could be served from cache.
-            let response = tokio::time::timeout(self.response_timeout, request.send())
+            let sent = tokio::time::timeout(self.response_timeout, request.send())
                 .await
-                .map_err(|_| UpstreamError::Unreachable("timed out waiting for a response".into()))?
-                .map_err(UpstreamError::from_transport)?;
+                .map_err(|_| UpstreamError::Unreachable("timed out waiting for a response".into()))
+                .and_then(|result| result.map_err(UpstreamError::from_transport));
+            self.record(sent.as_ref().ok().map(|r| r.status().as_u16()));
+            let response = sent?;
             if response.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let challenge = response
                     .headers()

@@ -1,0 +1,191 @@
+//! Prometheus metrics, served at `/metrics` (and on `http.debug.addr`).
+//!
+//! One process-wide set, reachable from every layer through [`metrics()`],
+//! because what is worth counting happens deep in the cache and upstream
+//! code and threading a handle through every call would only add noise.
+//! Labels never carry repository names or digests (unbounded cardinality).
+
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabels {
+    /// `manifest` or `blob`.
+    pub kind: &'static str,
+    /// `hit`, `miss` or `stale`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `cache` (committed blob) or `download` (followed a live download).
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamStatusLabels {
+    pub upstream: String,
+    /// The HTTP status, or `error` when no answer came.
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabels, Histogram>,
+    pub lookups: Family<LookupLabels, Counter>,
+    pub coalesced_waiters: Counter,
+    pub blob_bytes_served: Family<SourceLabels, Counter>,
+    pub upstream_bytes_fetched: Family<UpstreamLabels, Counter>,
+    pub upstream_requests: Family<UpstreamStatusLabels, Counter>,
+    pub upstream_up: Family<UpstreamLabels, Gauge>,
+    pub token_fetches: Family<UpstreamLabels, Counter>,
+    pub downloads_in_flight: Gauge,
+    pub download_failures: Family<ReasonLabels, Counter>,
+    pub storage_bytes: Gauge,
+    pub storage_objects: Gauge,
+}
+
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms .. ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("kura");
+        let metrics = Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            lookups: Family::default(),
+            coalesced_waiters: Counter::default(),
+            blob_bytes_served: Family::default(),
+            upstream_bytes_fetched: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_up: Family::default(),
+            token_fetches: Family::default(),
+            downloads_in_flight: Gauge::default(),
+            download_failures: Family::default(),
+            storage_bytes: Gauge::default(),
+            storage_objects: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            metrics.requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "Time to response headers, by route",
+            metrics.request_duration.clone(),
+        );
+        r.register(
+            "cache_lookups",
+            "Manifest and blob lookups: hit, miss or stale",
+            metrics.lookups.clone(),
+        );
+        r.register(
+            "coalesced_waiters",
+            "Requests that joined an upstream fetch already in flight",
+            metrics.coalesced_waiters.clone(),
+        );
+        r.register(
+            "blob_bytes_served",
+            "Blob bytes sent to clients, by source",
+            metrics.blob_bytes_served.clone(),
+        );
+        r.register(
+            "upstream_bytes_fetched",
+            "Blob bytes received from upstreams",
+            metrics.upstream_bytes_fetched.clone(),
+        );
+        r.register(
+            "upstream_requests",
+            "Upstream requests by upstream and status",
+            metrics.upstream_requests.clone(),
+        );
+        r.register(
+            "upstream_up",
+            "1 if the upstream answered its last request, 0 if it did not",
+            metrics.upstream_up.clone(),
+        );
+        r.register(
+            "upstream_token_fetches",
+            "Bearer tokens fetched, by upstream",
+            metrics.token_fetches.clone(),
+        );
+        r.register(
+            "downloads_in_flight",
+            "Blob downloads currently running",
+            metrics.downloads_in_flight.clone(),
+        );
+        r.register(
+            "download_failures",
+            "Blob downloads not committed, by reason",
+            metrics.download_failures.clone(),
+        );
+        r.register(
+            "storage_bytes",
+            "Bytes of committed blobs",
+            metrics.storage_bytes.clone(),
+        );
+        r.register(
+            "storage_objects",
+            "Committed blobs",
+            metrics.storage_objects.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn lookup(&self, kind: &'static str, outcome: &'static str) {
+        self.lookups
+            .get_or_create(&LookupLabels { kind, outcome })
+            .inc();
+    }
+}
