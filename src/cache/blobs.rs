@@ -345,10 +345,16 @@ impl Cache {
         })
     }
 
+    /// The blob a download this request started or joined has just
+    /// committed: served from storage, but still a miss for this request.
     async fn committed_or_gone(&self, digest: &Digest) -> Result<BlobBody, ApiError> {
-        self.open_committed(digest)
-            .await?
-            .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "blob download failed; try again"))
+        let body = self.open_committed(digest).await?.ok_or_else(|| {
+            ApiError::new(ErrorCode::Unavailable, "blob download failed; try again")
+        })?;
+        Ok(BlobBody {
+            cache_hit: false,
+            ..body
+        })
     }
 }
 

@@ -28,6 +28,8 @@ pub struct KuraOptions {
     pub extra_args: Vec<String>,
     /// Set after the defaults (so they can override `RUST_LOG`).
     pub extra_env: Vec<(String, String)>,
+    /// Kura serves HTTPS (its config sets `http.tls`): `url()` says so.
+    pub tls: bool,
 }
 
 impl KuraOptions {
@@ -61,8 +63,8 @@ pub struct Kura {
 }
 
 impl Kura {
-    /// Starts Kura and waits (20 s at most) until `GET /v2/` answers 200; panics with the log if
-    /// it exits or never gets ready.
+    /// Starts Kura and waits (20 s at most) until `GET /healthz` answers 200; panics with the log
+    /// if it exits or never gets ready.
     pub async fn start(options: KuraOptions) -> Self {
         let log_dir = temp_dir("kura-log-");
         let (cache_dir, own_cache) = match &options.cache_dir {
@@ -109,7 +111,21 @@ impl Kura {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.options.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// SIGTERM, then waits (bounded) for the process to exit; `true` if it did.
+    pub async fn terminate(&mut self, timeout: std::time::Duration) -> bool {
+        self.process.signal("TERM");
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.process.check_running().is_err() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        false
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -130,7 +146,7 @@ impl Kura {
     }
 
     async fn wait_ready(&mut self) {
-        let url = format!("{}/v2/", self.url());
+        let url = format!("{}/healthz", self.url());
         let process = &mut self.process;
         let ready = wait_http(
             &url,
