@@ -34,6 +34,18 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate CONFIG (plus REGISTRY_* variables) and print the effective
+    /// settings with secrets masked. Exits 2 when invalid.
+    Check { config: Option<PathBuf> },
 }
 
 pub fn main() -> ExitCode {
@@ -51,6 +63,26 @@ pub fn main() -> ExitCode {
                 cache_dir,
             };
             serve(config, &overrides)
+        }
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => check_config(config),
+    }
+}
+
+fn check_config(config_path: Option<PathBuf>) -> ExitCode {
+    match Config::load(
+        config_path.as_deref(),
+        std::env::vars(),
+        &Overrides::default(),
+    ) {
+        Ok(config) => {
+            print!("{}", config.describe());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("kura: {err}");
+            ExitCode::from(2)
         }
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
+mod describe;
 mod keys;
 mod upstreams;
 
