@@ -72,6 +72,8 @@ pub struct Metrics {
     pub download_failures: Family<ReasonLabels, Counter>,
     pub storage_bytes: Gauge,
     pub storage_objects: Gauge,
+    pub evicted_blobs: Counter,
+    pub evicted_bytes: Counter,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -101,6 +103,8 @@ impl Metrics {
             download_failures: Family::default(),
             storage_bytes: Gauge::default(),
             storage_objects: Gauge::default(),
+            evicted_blobs: Counter::default(),
+            evicted_bytes: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;

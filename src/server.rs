@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use axum::Router;
@@ -15,6 +15,7 @@ use crate::api::access::Htpasswd;
 use crate::api::{ApiOptions, ops_router, router};
 use crate::cache::Cache;
 use crate::config::{Config, UpstreamConfig};
+use crate::gc;
 use crate::metrics::metrics;
 use crate::routing::Registries;
 use crate::storage::Storage;
@@ -62,6 +63,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(serve_plain(listener, debug, handle.clone()));
     }
     tokio::spawn(track_storage_usage(storage.clone()));
+    tokio::spawn(collect_garbage(
+        storage.clone(),
+        config.gc_policy(),
+        config.cache.gc_interval,
+    ));
     tokio::spawn(shutdown_on_signal(
         handle.clone(),
         config.http.drain_timeout,
@@ -114,7 +120,7 @@ async fn serve_plain(
         .await
 }
 
-fn build_registries(config: &Config, storage: &Storage) -> anyhow::Result<Registries> {
+pub(crate) fn build_registries(config: &Config, storage: &Storage) -> anyhow::Result<Registries> {
     let default = config
         .default_upstream
         .as_ref()
@@ -143,11 +149,15 @@ fn cache_for(
     Ok((cache, upstream.aliases()))
 }
 
-/// Keeps the storage gauges current without a walk per scrape.
+/// Keeps the storage gauges current without a walk per scrape, and
+/// persists access times.
 async fn track_storage_usage(storage: Storage) {
     let mut ticks = tokio::time::interval(USAGE_INTERVAL);
     loop {
         ticks.tick().await;
+        // Access times reach disk every minute, so `kura ls`/`gc` run
+        // beside the server see recent use.
+        storage.flush_accesses().await;
         match storage.usage().await {
             Ok(usage) => {
                 metrics()
@@ -158,6 +168,42 @@ async fn track_storage_usage(storage: Storage) {
                     .set(i64::try_from(usage.blobs).unwrap_or(i64::MAX));
             }
             Err(e) => tracing::warn!(error = %e, "cannot measure storage usage"),
+        }
+    }
+}
+
+/// Flushes access times and evicts what the policy no longer keeps.
+async fn collect_garbage(storage: Storage, policy: gc::Policy, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.tick().await; // the first tick is immediate; start one interval in
+    loop {
+        ticks.tick().await;
+        storage.flush_accesses().await;
+        let plan = match gc::plan(&storage, &policy, SystemTime::now()).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                tracing::warn!(error = %e, "eviction: cannot plan");
+                continue;
+            }
+        };
+        if plan.delete_blobs.is_empty() && plan.drop_links.is_empty() {
+            continue;
+        }
+        match gc::apply(&storage, &plan).await {
+            Ok(()) => {
+                metrics()
+                    .evicted_blobs
+                    .inc_by(plan.delete_blobs.len() as u64);
+                metrics().evicted_bytes.inc_by(plan.freed_bytes());
+                tracing::info!(
+                    manifests = plan.drop_links.len(),
+                    blobs = plan.delete_blobs.len(),
+                    freed_bytes = plan.freed_bytes(),
+                    kept_bytes = plan.kept_bytes,
+                    "evicted unused content"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "eviction failed part-way; will retry"),
         }
     }
 }

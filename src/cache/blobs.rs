@@ -126,6 +126,7 @@ impl Cache {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<BlobBody, ApiError> {
+        self.storage.record_access(digest);
         if let Some(body) = self.open_committed(digest).await? {
             return Ok(body);
         }

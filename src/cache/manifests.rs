@@ -33,10 +33,12 @@ impl Cache {
         name: &RepoName,
         reference: &Reference,
     ) -> Result<Manifest, ApiError> {
-        match reference {
+        let manifest = match reference {
             Reference::Digest(digest) => self.manifest_by_digest(name, digest).await,
             Reference::Tag(tag) => self.manifest_by_tag(name, tag).await,
-        }
+        }?;
+        self.storage.record_access(&manifest.digest);
+        Ok(manifest)
     }
 
     async fn manifest_by_digest(

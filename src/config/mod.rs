@@ -46,10 +46,22 @@ pub struct Config {
     pub blob_ttl: Option<Duration>,
     pub log: LogConfig,
     pub http: HttpConfig,
+    pub cache: CacheConfig,
     /// `auth.htpasswd`: Basic authentication of clients; `None` = anonymous.
     pub htpasswd: Option<HtpasswdConfig>,
     /// Paths of configured keys that Kura accepts but does not implement.
     pub ignored_keys: Vec<String>,
+}
+
+/// Kura's `cache:` section: eviction beyond `proxy.ttl`.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// `cache.maxsize` (`200GiB`, `500MB`, bytes): evict least recently used first.
+    pub max_size: Option<u64>,
+    /// `cache.gcinterval`: how often eviction runs.
+    pub gc_interval: Duration,
+    /// `cache.gcgrace`: content used this recently is never evicted.
+    pub gc_grace: Duration,
 }
 
 /// The rest of Distribution's `http:` section.
@@ -208,6 +220,18 @@ impl Config {
                 access_log: !keys.bool("log.accesslog.disabled")?.unwrap_or(false),
             },
             http: read_http(keys)?,
+            cache: CacheConfig {
+                max_size: keys
+                    .string("cache.maxsize")?
+                    .map(|raw| parse_size("cache.maxsize", &raw))
+                    .transpose()?,
+                gc_interval: keys
+                    .duration("cache.gcinterval")?
+                    .unwrap_or(Duration::from_secs(600)),
+                gc_grace: keys
+                    .duration("cache.gcgrace")?
+                    .unwrap_or(Duration::from_secs(600)),
+            },
             htpasswd: read_htpasswd(keys)?,
             ignored_keys: ignored_in_list,
         })
@@ -227,6 +251,47 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// What eviction keeps, from `proxy.ttl` and `cache.*`.
+    pub fn gc_policy(&self) -> crate::gc::Policy {
+        crate::gc::Policy {
+            ttl: self.blob_ttl,
+            max_size: self.cache.max_size,
+            grace: self.cache.gc_grace,
+        }
+    }
+}
+
+/// Sizes like `200GiB`, `500MB`, `1.5TiB` or plain bytes.
+pub fn parse_size(key: &str, raw: &str) -> Result<u64, ConfigError> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1000,
+        "mb" | "m" => 1000_u64.pow(2),
+        "gb" | "g" => 1000_u64.pow(3),
+        "tb" | "t" => 1000_u64.pow(4),
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => {
+            return Err(invalid(
+                key,
+                format!("{raw:?}: unknown unit (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"),
+            ));
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| invalid(key, format!("{raw:?} is not a size like 200GiB")))?;
+    Ok((value * multiplier as f64) as u64)
 }
 
 fn read_http(keys: &mut KeyReader) -> Result<HttpConfig, ConfigError> {
@@ -482,11 +547,21 @@ mod tests {
             ("auth:\n  token:\n    realm: x\n", "auth.token"),
             ("http:\n  tls:\n    certificate: /c.pem\n", "http.tls.key"),
             ("http:\n  draintimeout: soon\n", "http.draintimeout"),
+            ("cache:\n  maxsize: lots\n", "cache.maxsize"),
+            ("cache:\n  maxsize: 5PB\n", "cache.maxsize"),
         ];
         for (yaml, key) in cases {
             let err = load_yaml(yaml, &[]).unwrap_err().to_string();
             assert!(err.contains(key), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn sizes_take_decimal_and_binary_units() {
+        assert_eq!(parse_size("k", "200GiB").unwrap(), 200 << 30);
+        assert_eq!(parse_size("k", "500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("k", "1.5KiB").unwrap(), 1536);
+        assert_eq!(parse_size("k", "4096").unwrap(), 4096);
     }
 
     #[test]

@@ -11,6 +11,15 @@ use tokio::io::AsyncWriteExt;
 use super::{Storage, rename_into_place};
 use crate::reference::Digest;
 
+/// A committed blob as eviction and the tools see it.
+#[derive(Debug, Clone)]
+pub struct BlobEntry {
+    pub digest: Digest,
+    pub size: u64,
+    /// Last served (flushed access time) or, if never served, committed.
+    pub last_used: std::time::SystemTime,
+}
+
 /// Why a staged blob was not committed.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -43,6 +52,64 @@ impl Storage {
             Ok(meta) => Ok(Some(meta.len())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Every committed blob with its size and last use (mtime).
+    pub async fn list_blobs(&self) -> io::Result<Vec<BlobEntry>> {
+        let dir = self.blobs_dir();
+        tokio::task::spawn_blocking(move || {
+            let mut entries = Vec::new();
+            for prefix in std::fs::read_dir(&dir)? {
+                for blob in std::fs::read_dir(prefix?.path())? {
+                    let blob = blob?;
+                    let name = blob.file_name();
+                    let Some(digest) = name
+                        .to_str()
+                        .and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok())
+                    else {
+                        continue;
+                    };
+                    let meta = blob.metadata()?;
+                    entries.push(BlobEntry {
+                        digest,
+                        size: meta.len(),
+                        last_used: meta.modified()?,
+                    });
+                }
+            }
+            Ok(entries)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Re-hashes a stored blob: whether its content still matches its name.
+    pub async fn verify_blob(&self, digest: &Digest) -> io::Result<bool> {
+        let path = self.blob_path(digest);
+        let expected = digest.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut file = std::fs::File::open(path)?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+            Ok(Digest::from_sha256(hasher.finalize().as_slice()) == expected)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    pub async fn delete_blob(&self, digest: &Digest) -> io::Result<()> {
+        match fs::remove_file(self.blob_path(digest)).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
         }
     }
 

@@ -86,10 +86,7 @@ impl Storage {
 
     /// Forgets a tag the upstream says no longer exists.
     pub async fn remove_tag(&self, name: &RepoName, tag: &Tag) -> io::Result<()> {
-        match fs::remove_file(self.tags_dir(name).join(tag.as_str())).await {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        remove_if_present(self.tags_dir(name).join(tag.as_str())).await
     }
 
     /// Cached tags of a repository, sorted.
@@ -120,6 +117,73 @@ impl Storage {
         }
         repos.sort();
         Ok(repos)
+    }
+}
+
+/// A manifest a repository has cached, wherever it lives.
+#[derive(Debug, Clone)]
+pub struct ManifestLink {
+    /// The repository as clients address it (`ghcr.io/org/app`).
+    pub repository: String,
+    pub digest: Digest,
+    repo_dir: PathBuf,
+}
+
+impl Storage {
+    /// Every manifest link in every namespace.
+    pub async fn list_manifest_links(&self) -> io::Result<Vec<ManifestLink>> {
+        let mut links = Vec::new();
+        for repository in self.list_repositories().await? {
+            let repo_dir = self.repositories_dir().join(&repository);
+            let revisions = repo_dir.join("_manifests").join("revisions").join("sha256");
+            for hex in list_dir_names(&revisions).await? {
+                if let Ok(digest) = Digest::parse(&format!("sha256:{hex}")) {
+                    links.push(ManifestLink {
+                        repository: repository.clone(),
+                        digest,
+                        repo_dir: repo_dir.clone(),
+                    });
+                }
+            }
+        }
+        Ok(links)
+    }
+
+    /// Tags of a link's repository that point at the link's manifest.
+    pub async fn tags_of(&self, link: &ManifestLink) -> io::Result<Vec<String>> {
+        let tags_dir = link.repo_dir.join("_manifests").join("tags");
+        let mut tags = Vec::new();
+        for tag in list_dir_names(&tags_dir).await? {
+            let target = read_optional(tags_dir.join(&tag)).await?;
+            if target.is_some_and(|t| t.trim() == link.digest.to_string()) {
+                tags.push(tag);
+            }
+        }
+        tags.sort();
+        Ok(tags)
+    }
+
+    /// Removes a manifest link and the tags pointing at it (tags first, so
+    /// a tag never points at a missing link).
+    pub async fn remove_manifest_link(&self, link: &ManifestLink) -> io::Result<()> {
+        let tags_dir = link.repo_dir.join("_manifests").join("tags");
+        for tag in self.tags_of(link).await? {
+            remove_if_present(tags_dir.join(tag)).await?;
+        }
+        let revision = link
+            .repo_dir
+            .join("_manifests")
+            .join("revisions")
+            .join("sha256")
+            .join(link.digest.hex());
+        remove_if_present(revision).await
+    }
+}
+
+async fn remove_if_present(path: PathBuf) -> io::Result<()> {
+    match fs::remove_file(path).await {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 

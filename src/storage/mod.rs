@@ -13,15 +13,19 @@
 //! ([`blobs`]), and an index entry is written only after the content it
 //! points at ([`index`]).
 
+pub mod access;
 pub mod blobs;
 pub mod index;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::fs;
 
 pub use blobs::StagedBlob;
+
+use crate::reference::Digest;
 
 #[derive(Debug, Clone)]
 pub struct Storage {
@@ -30,24 +34,71 @@ pub struct Storage {
     /// equal repository names of different upstreams never collide; `None`
     /// for the default upstream. Blobs are shared by all views.
     namespace: Option<String>,
+    /// Shared by every view: recency is per blob, whoever serves it.
+    access: Arc<access::AccessTracker>,
 }
 
 impl Storage {
     /// Creates the layout under `root` and removes staging leftovers of a
     /// previous run (they can never be committed: their download is gone).
     pub async fn open(root: &Path) -> io::Result<Self> {
-        let storage = Self {
-            root: root.to_owned(),
-            namespace: None,
-        };
-        let staging = storage.staging_dir();
+        let staging = root.join("staging");
         if fs::try_exists(&staging).await? {
             fs::remove_dir_all(&staging).await?;
         }
-        for dir in [staging, storage.blobs_dir(), storage.repositories_dir()] {
+        Self::prepare(root).await
+    }
+
+    /// Creates the layout if missing, leaving staging alone: for tools that
+    /// write (`kura warm`) while a server may be using the same cache.
+    pub async fn prepare(root: &Path) -> io::Result<Self> {
+        let storage = Self::existing(root);
+        for dir in [
+            storage.staging_dir(),
+            storage.blobs_dir(),
+            storage.repositories_dir(),
+        ] {
             fs::create_dir_all(&dir).await?;
         }
         Ok(storage)
+    }
+
+    /// A view of a cache another process may be serving: no staging sweep,
+    /// nothing created (for the command-line tools).
+    pub fn existing(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+            namespace: None,
+            access: Arc::default(),
+        }
+    }
+
+    /// Notes that a blob or manifest was just served.
+    pub fn record_access(&self, digest: &Digest) {
+        self.access.record(digest);
+    }
+
+    /// Accesses not yet written out, for eviction decisions.
+    pub fn recent_accesses(&self) -> std::collections::HashMap<Digest, std::time::SystemTime> {
+        self.access.snapshot()
+    }
+
+    /// Writes recorded accesses out as blob mtimes.
+    pub async fn flush_accesses(&self) {
+        let accesses = self.access.drain();
+        let paths: Vec<_> = accesses
+            .into_iter()
+            .map(|(digest, time)| (self.blob_path(&digest), time))
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for (path, time) in paths {
+                // A blob evicted or never committed has nothing to touch.
+                if let Ok(file) = std::fs::File::options().write(true).open(&path) {
+                    let _ = file.set_modified(time);
+                }
+            }
+        })
+        .await;
     }
 
     pub fn root(&self) -> &Path {
@@ -61,6 +112,7 @@ impl Storage {
         Self {
             root: self.root.clone(),
             namespace: Some(registry.to_owned()),
+            access: self.access.clone(),
         }
     }
 

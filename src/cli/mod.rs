@@ -1,0 +1,192 @@
+//! The `kura` command line: `serve`, `config check`, and the toolbox that
+//! works on a cache directory (`ls`, `du`, `gc`, `verify`, `warm`).
+
+mod toolbox;
+mod warm;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "kura",
+    version,
+    about = "A pull-through cache for container registries"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the cache. CONFIG is a Distribution-format YAML file (optional);
+    /// REGISTRY_* environment variables and the flags below override it.
+    Serve {
+        config: Option<PathBuf>,
+        /// Listen address (overrides http.addr), e.g. 127.0.0.1:5000.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Upstream registry URL (overrides proxy.remoteurl).
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Storage directory (overrides storage.filesystem.rootdirectory).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// List cached repositories and tags with sizes and last use.
+    Ls(Settings),
+    /// Show how much the cache holds.
+    Du(Settings),
+    /// Remove expired and unreferenced content (proxy.ttl, cache.maxsize).
+    Gc {
+        #[command(flatten)]
+        settings: Settings,
+        /// Only print what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Re-hash every stored blob; report and remove corrupt ones.
+    Verify {
+        #[command(flatten)]
+        settings: Settings,
+        /// Only report.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Pre-fetch images into the cache from their upstream.
+    Warm {
+        #[command(flatten)]
+        settings: Settings,
+        /// Images: `[registry/]name[:tag|@digest]`.
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// Only this platform of a multi-platform image, e.g. linux/amd64
+        /// (default: all platforms).
+        #[arg(long)]
+        platform: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate CONFIG (plus REGISTRY_* variables) and print the effective
+    /// settings with secrets masked. Exits 2 when invalid.
+    Check { config: Option<PathBuf> },
+}
+
+/// Where the toolbox finds the cache and its upstreams.
+#[derive(Args)]
+struct Settings {
+    /// Distribution-format YAML file, as given to `kura serve`.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Storage directory (overrides storage.filesystem.rootdirectory).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Upstream registry URL (overrides proxy.remoteurl).
+    #[arg(long)]
+    upstream: Option<String>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            upstream,
+            cache_dir,
+        } => {
+            let overrides = Overrides {
+                listen,
+                upstream,
+                cache_dir,
+            };
+            let Some(config) = load(config, &overrides) else {
+                return ExitCode::from(2);
+            };
+            crate::logging::init(&config.log);
+            run(crate::server::run(config))
+        }
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => match load(config, &Overrides::default()) {
+            Some(config) => {
+                print!("{}", config.describe());
+                ExitCode::SUCCESS
+            }
+            None => ExitCode::from(2),
+        },
+        Command::Ls(settings) => tool(settings, toolbox::ls),
+        Command::Du(settings) => tool(settings, toolbox::du),
+        Command::Gc { settings, dry_run } => tool(settings, move |c| toolbox::gc(c, dry_run)),
+        Command::Verify { settings, dry_run } => {
+            tool(settings, move |c| toolbox::verify(c, dry_run))
+        }
+        Command::Warm {
+            settings,
+            images,
+            platform,
+        } => tool(settings, move |c| warm::warm(c, images, platform)),
+    }
+}
+
+/// Loads configuration, printing the error (which names the key) if invalid.
+fn load(path: Option<PathBuf>, overrides: &Overrides) -> Option<Config> {
+    match Config::load(path.as_deref(), std::env::vars(), overrides) {
+        Ok(config) => Some(config),
+        Err(err) => {
+            eprintln!("kura: {err}");
+            None
+        }
+    }
+}
+
+fn tool<F, Fut>(settings: Settings, command: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let overrides = Overrides {
+        listen: None,
+        upstream: settings.upstream,
+        cache_dir: settings.cache_dir,
+    };
+    let Some(config) = load(settings.config, &overrides) else {
+        return ExitCode::from(2);
+    };
+    // Tools print their results; only warnings go to the log.
+    crate::logging::init(&crate::config::LogConfig {
+        level: "warn".into(),
+        ..config.log.clone()
+    });
+    run(command(config))
+}
+
+fn run(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("kura: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kura: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! `kura warm IMAGE...`: pre-fetches images through the same cache logic
+//! the server uses (routing, auth, verification), printing progress.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+use futures_util::StreamExt;
+
+use super::toolbox::human_bytes;
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::gc::referenced_digests;
+use crate::reference::{Digest, Reference, RepoName};
+use crate::storage::Storage;
+
+pub async fn warm(
+    config: Config,
+    images: Vec<String>,
+    platform: Option<String>,
+) -> anyhow::Result<()> {
+    let storage = Storage::prepare(&config.storage_root)
+        .await
+        .with_context(|| {
+            format!(
+                "storage.filesystem.rootdirectory: cannot use {}",
+                config.storage_root.display()
+            )
+        })?;
+    let registries = crate::server::build_registries(&config, &storage)?;
+    for image in &images {
+        let (name, reference) = split_image(image)?;
+        let routed = registries
+            .route(name, None)
+            .map_err(|e| anyhow!("{image}: {e}"))?;
+        let repo = RepoName::parse(routed.name)
+            .ok_or_else(|| anyhow!("{image}: invalid repository name"))?;
+        let reference =
+            Reference::parse(reference).map_err(|_| anyhow!("{image}: invalid tag or digest"))?;
+        println!("{image}");
+        warm_image(&routed.cache, &repo, &reference, platform.as_deref())
+            .await
+            .with_context(|| format!("warming {image}"))?;
+    }
+    Ok(())
+}
+
+/// `[registry/]name[:tag|@digest]`, tag defaulting to `latest`.
+fn split_image(image: &str) -> anyhow::Result<(&str, &str)> {
+    if let Some((name, digest)) = image.split_once('@') {
+        return Ok((name, digest));
+    }
+    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[last_slash..].rfind(':') {
+        Some(colon) => Ok((
+            &image[..last_slash + colon],
+            &image[last_slash + colon + 1..],
+        )),
+        None => Ok((image, "latest")),
+    }
+}
+
+async fn warm_image(
+    cache: &Arc<Cache>,
+    repo: &RepoName,
+    reference: &Reference,
+    platform: Option<&str>,
+) -> anyhow::Result<()> {
+    let manifest = cache.manifest(repo, reference).await?;
+    println!("  manifest {} ({})", manifest.digest, manifest.media_type);
+    let children = index_children(&manifest.bytes, platform);
+    if children.is_empty() {
+        return warm_blobs(cache, repo, &manifest.bytes).await;
+    }
+    for (digest, child_platform) in children {
+        let child = cache.manifest(repo, &Reference::Digest(digest)).await?;
+        println!("  {child_platform}: manifest {}", child.digest);
+        warm_blobs(cache, repo, &child.bytes).await?;
+    }
+    Ok(())
+}
+
+/// The children of an index or manifest list, filtered by platform
+/// (`os/arch[/variant]`); empty for an image manifest.
+fn index_children(bytes: &[u8], platform: Option<&str>) -> Vec<(Digest, String)> {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Vec::new();
+    };
+    let Some(manifests) = value.get("manifests").and_then(|m| m.as_array()) else {
+        return Vec::new();
+    };
+    manifests
+        .iter()
+        .filter_map(|entry| {
+            let digest = Digest::parse(entry.get("digest")?.as_str()?).ok()?;
+            let p = entry.get("platform");
+            let field = |key: &str| {
+                p.and_then(|p| p.get(key))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+            };
+            let mut name = format!("{}/{}", field("os"), field("architecture"));
+            if !field("variant").is_empty() {
+                name = format!("{name}/{}", field("variant"));
+            }
+            let wanted =
+                platform.is_none_or(|want| name == want || name.starts_with(&format!("{want}/")));
+            wanted.then_some((digest, name))
+        })
+        .collect()
+}
+
+async fn warm_blobs(cache: &Arc<Cache>, repo: &RepoName, manifest: &[u8]) -> anyhow::Result<()> {
+    for digest in referenced_digests(manifest) {
+        let started = Instant::now();
+        let blob = cache.open_blob(repo, &digest).await?;
+        let (cached, size) = (blob.cache_hit, blob.size);
+        let mut stream = blob.into_stream(0, None).await?;
+        let mut bytes = 0u64;
+        while let Some(chunk) = stream.next().await {
+            bytes += chunk?.len() as u64;
+        }
+        let state = if cached { "cached" } else { "fetched" };
+        let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-3) / (1 << 20) as f64;
+        let total = size.map_or_else(|| human_bytes(bytes), human_bytes);
+        println!("    {digest} {total} {state} ({rate:.0} MiB/s)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references_split_into_name_and_reference() {
+        assert_eq!(split_image("alpine").unwrap(), ("alpine", "latest"));
+        assert_eq!(
+            split_image("library/alpine:3.20").unwrap(),
+            ("library/alpine", "3.20")
+        );
+        assert_eq!(
+            split_image("localhost:5000/app").unwrap(),
+            ("localhost:5000/app", "latest")
+        );
+        assert_eq!(
+            split_image("ghcr.io/o/a@sha256:ab").unwrap(),
+            ("ghcr.io/o/a", "sha256:ab")
+        );
+    }
+}
