@@ -104,7 +104,12 @@ impl Storage {
         while let Some((dir, prefix)) = pending.pop() {
             for child in list_dir_names(&dir).await? {
                 if child == "_manifests" {
-                    repos.push(prefix.clone());
+                    // A repository whose manifests were all evicted is no
+                    // longer cached.
+                    let revisions = dir.join("_manifests").join("revisions").join("sha256");
+                    if !list_dir_names(&revisions).await?.is_empty() {
+                        repos.push(prefix.clone());
+                    }
                 } else {
                     let name = if prefix.is_empty() {
                         child.clone()
@@ -203,9 +208,7 @@ async fn list_dir_names(dir: impl AsRef<std::path::Path>) -> io::Result<Vec<Stri
     };
     let mut names = Vec::new();
     while let Some(entry) = entries.next_entry().await? {
-        if entry.file_type().await?.is_dir() || entry.file_type().await?.is_file() {
-            names.extend(entry.file_name().to_str().map(str::to_owned));
-        }
+        names.extend(entry.file_name().to_str().map(str::to_owned));
     }
     Ok(names)
 }

@@ -249,7 +249,7 @@ impl Layer {
     }
 
     /// An uncompressed layer (blob digest == diff_id).
-    fn plain(tar: Vec<u8>, media_type: &str) -> Self {
+    pub fn plain(tar: Vec<u8>, media_type: &str) -> Self {
         let blob = Blob::of(&tar, media_type);
         Self {
             diff_id: blob.digest.clone(),

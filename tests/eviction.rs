@@ -1,0 +1,224 @@
+//! Eviction under a size cap and a TTL, with a real upstream: least
+//! recently used images go first, shared blobs live as long as any image
+//! uses them, and collection never breaks a pull in progress.
+
+mod support;
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use support::images::{Flavor, ImageBuild, Layer, OCI_LAYER_TAR};
+use support::{Kura, KuraOptions, Platform, PushedImage, Upstream, seed_large};
+
+fn client() -> reqwest::Client {
+    support::net::http_client(Duration::from_secs(120))
+}
+
+/// Pulls an image through Kura the way a client does; `true` if every
+/// part was served.
+async fn pull(kura: &Kura, image: &PushedImage) -> bool {
+    let tag = image.tag.as_deref().unwrap_or("latest");
+    let manifest = format!("{}/v2/{}/manifests/{tag}", kura.url(), image.repository);
+    if client().get(&manifest).send().await.unwrap().status() != StatusCode::OK {
+        return false;
+    }
+    for blob in std::iter::once(&image.config).chain(&image.layers) {
+        let url = format!(
+            "{}/v2/{}/blobs/{}",
+            kura.url(),
+            image.repository,
+            blob.digest
+        );
+        let response = client().get(&url).send().await.unwrap();
+        if response.status() != StatusCode::OK
+            || response.bytes().await.unwrap().len() as u64 != blob.size
+        {
+            return false;
+        }
+    }
+    true
+}
+
+fn stored_blobs(kura: &Kura) -> Vec<String> {
+    let mut found = Vec::new();
+    for prefix in std::fs::read_dir(kura.cache_dir().join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+    {
+        for blob in std::fs::read_dir(prefix.path()).unwrap().flatten() {
+            found.push(format!("sha256:{}", blob.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+async fn catalog(kura: &Kura) -> Vec<String> {
+    let body: serde_json::Value = client()
+        .get(format!("{}/v2/_catalog", kura.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    serde_json::from_value(body["repositories"].clone()).unwrap()
+}
+
+/// An image with one incompressible `size`-byte layer, plus `shared` if given.
+async fn push_image(
+    upstream: &Upstream,
+    repo: &str,
+    size: usize,
+    seed: u8,
+    shared: Option<&Layer>,
+) -> PushedImage {
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[seed as usize % 4] ^ seed)
+        .collect();
+    let mut layers = vec![Layer::plain(data, OCI_LAYER_TAR)];
+    layers.extend(shared.cloned());
+    ImageBuild::new(Flavor::Oci, Platform::linux("amd64", None), layers)
+        .push(&upstream.client(), repo, Some("latest"))
+        .await
+}
+
+fn options(upstream: &Upstream, settings: &[(&str, &str)]) -> KuraOptions {
+    let mut options = KuraOptions::for_upstream(upstream);
+    for (key, value) in settings {
+        options.extra_env.push((key.to_string(), value.to_string()));
+    }
+    options
+}
+
+async fn wait_until<F: AsyncFn() -> bool>(what: &str, condition: F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_size_cap_evicts_least_recently_used_and_keeps_shared_blobs() {
+    let mut upstream = Upstream::anonymous().await;
+    let shared = Layer::plain(vec![7u8; 200_000], OCI_LAYER_TAR);
+    let mib = 1 << 20;
+    let oldest = push_image(&upstream, "cap/oldest", mib, 1, Some(&shared)).await;
+    let older = push_image(&upstream, "cap/older", mib, 2, None).await;
+    let newer = push_image(&upstream, "cap/newer", mib, 3, None).await;
+    let newest = push_image(&upstream, "cap/newest", mib, 4, Some(&shared)).await;
+    // Room for about two and a half images.
+    let kura = Kura::start(options(
+        &upstream,
+        &[
+            ("REGISTRY_CACHE_MAXSIZE", "2700KiB"),
+            ("REGISTRY_CACHE_GCINTERVAL", "300ms"),
+            ("REGISTRY_CACHE_GCGRACE", "0"),
+        ],
+    ))
+    .await;
+    for image in [&oldest, &older, &newer, &newest] {
+        assert!(pull(&kura, image).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_until(
+        "eviction of the two least recently used images",
+        async || catalog(&kura).await == vec!["cap/newer".to_owned(), "cap/newest".to_owned()],
+    )
+    .await;
+
+    // The kept images are served from cache alone, shared layer included.
+    upstream.stop();
+    assert!(pull(&kura, &newest).await, "newest image not fully cached");
+    assert!(pull(&kura, &newer).await, "newer image not fully cached");
+    assert!(
+        !pull(&kura, &oldest).await,
+        "oldest image should have been evicted"
+    );
+    let blobs = stored_blobs(&kura);
+    assert!(
+        blobs.contains(&shared.blob.digest),
+        "a blob shared with a kept image was evicted"
+    );
+    assert!(
+        !blobs.contains(&older.layers[0].digest),
+        "an evicted image's layer is still stored"
+    );
+    assert!(kura.log_text().contains("evicted unused content"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ttl_expiry_removes_unused_content_and_keeps_content_in_use() {
+    let upstream = Upstream::anonymous().await;
+    let unused = push_image(&upstream, "ttl/unused", 100_000, 5, None).await;
+    let used = push_image(&upstream, "ttl/used", 100_000, 6, None).await;
+    let kura = Kura::start(options(
+        &upstream,
+        &[
+            ("REGISTRY_PROXY_TTL", "2s"),
+            ("REGISTRY_PROXY_TAGTTL", "1h"),
+            ("REGISTRY_CACHE_GCINTERVAL", "300ms"),
+            ("REGISTRY_CACHE_GCGRACE", "0"),
+        ],
+    ))
+    .await;
+    assert!(pull(&kura, &unused).await);
+    assert!(pull(&kura, &used).await);
+    // Keep using one image for longer than the TTL.
+    for _ in 0..8 {
+        assert!(pull(&kura, &used).await);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    wait_until("expiry of the unused image", async || {
+        catalog(&kura).await == vec!["ttl/used".to_owned()]
+    })
+    .await;
+    let blobs = stored_blobs(&kura);
+    assert!(!blobs.contains(&unused.layers[0].digest));
+    assert!(blobs.contains(&used.layers[0].digest));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn collection_racing_a_large_pull_never_breaks_it() {
+    let upstream = Upstream::anonymous().await;
+    let large = seed_large(&upstream).await;
+    // A cap far below the image and a collector running constantly.
+    let kura = Kura::start(options(
+        &upstream,
+        &[
+            ("REGISTRY_CACHE_MAXSIZE", "1MiB"),
+            ("REGISTRY_CACHE_GCINTERVAL", "100ms"),
+            ("REGISTRY_CACHE_GCGRACE", "0"),
+        ],
+    ))
+    .await;
+    let pulls = (0..4).map(|_| {
+        let kura_url = kura.url();
+        let image = large.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            use sha2::{Digest, Sha256};
+            for blob in std::iter::once(&image.config).chain(&image.layers) {
+                let url = format!("{kura_url}/v2/{}/blobs/{}", image.repository, blob.digest);
+                let response = client().get(&url).send().await.unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                let mut hasher = Sha256::new();
+                let mut stream = response.bytes_stream();
+                while let Some(chunk) = stream.next().await {
+                    hasher.update(chunk.expect("transfer cut by collection"));
+                    tokio::time::sleep(Duration::from_micros(50)).await;
+                }
+                assert_eq!(
+                    format!("sha256:{}", hex::encode(hasher.finalize())),
+                    blob.digest
+                );
+            }
+        })
+    });
+    for pull in futures_util::future::join_all(pulls).await {
+        pull.unwrap();
+    }
+}
