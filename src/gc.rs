@@ -211,7 +211,7 @@ pub async fn images(storage: &Storage) -> io::Result<Vec<ImageSummary>> {
 
 /// Every stored blob: size and last use (flushed or still in memory).
 async fn blob_table(storage: &Storage) -> io::Result<HashMap<Digest, (u64, SystemTime)>> {
-    let recent = storage.recent_accesses();
+    let recent = storage.access_times().await?;
     let mut blobs = HashMap::new();
     for blob in storage.list_blobs().await? {
         let last_used = recent

@@ -31,7 +31,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "configuration key accepted but not implemented by Kura; ignored"
         );
     }
-    let storage = Storage::open(&config.storage_root).await.with_context(|| {
+    let storage = config.storage()?.open().await.with_context(|| {
         format!(
             "storage.filesystem.rootdirectory: cannot use {}",
             config.storage_root.display()

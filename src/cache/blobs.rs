@@ -27,6 +27,7 @@ use crate::metrics::{ReasonLabels, UpstreamLabels, metrics};
 use crate::reference::{Digest, RepoName};
 use crate::storage::StagedBlob;
 use crate::storage::blobs::CommitError;
+use crate::storage::objects::ObjectReader;
 use crate::upstream::{SlottedResponse, UpstreamError};
 
 /// Read size when serving; large enough to keep syscalls cheap.
@@ -75,10 +76,12 @@ pub struct BlobBody {
 }
 
 enum Source {
-    /// A committed blob (`progress: None`) or a download's staging file.
-    File {
+    /// A committed blob.
+    Stored(ObjectReader),
+    /// A download's staging file, readable as far as its progress says.
+    Live {
         file: File,
-        progress: Option<watch::Receiver<Progress>>,
+        progress: watch::Receiver<Progress>,
     },
     /// Passed through from upstream, verified on the fly.
     Upstream(SlottedResponse, Digest),
@@ -161,10 +164,7 @@ impl Cache {
         Ok(opened.map(|(file, size)| BlobBody {
             size: Some(size),
             cache_hit: true,
-            source: Source::File {
-                file,
-                progress: None,
-            },
+            source: Source::Stored(file),
         }))
     }
 
@@ -319,10 +319,7 @@ impl Cache {
             Ok(file) => Ok(BlobBody {
                 size,
                 cache_hit: false,
-                source: Source::File {
-                    file,
-                    progress: Some(progress),
-                },
+                source: Source::Live { file, progress },
             }),
             // The download finished (renamed or removed its staging file)
             // between the state check and the open.
@@ -407,7 +404,11 @@ impl BlobBody {
     ) -> io::Result<BoxStream<'static, io::Result<Bytes>>> {
         let end = end.or(self.size);
         match self.source {
-            Source::File { mut file, progress } => {
+            Source::Stored(reader) => {
+                let end = end.ok_or_else(|| io::Error::other("stored blob without a size"))?;
+                reader.into_stream(start, end).await
+            }
+            Source::Live { mut file, progress } => {
                 if start > 0 {
                     file.seek(io::SeekFrom::Start(start)).await?;
                 }
@@ -499,11 +500,12 @@ fn byte_window(
         .filter(|item| std::future::ready(!matches!(item, Ok(chunk) if chunk.is_empty())))
 }
 
+/// Reads a live download's staging file, waiting for progress as needed.
 struct Follower {
     file: File,
     pos: u64,
     end: Option<u64>,
-    progress: Option<watch::Receiver<Progress>>,
+    progress: watch::Receiver<Progress>,
 }
 
 impl Follower {
@@ -516,32 +518,26 @@ impl Follower {
                 Ok(readable) => readable,
                 Err(err) => return Some(Err(err)),
             };
-            let limit = match (readable, self.end) {
-                (Some(readable), Some(end)) => Some(readable.min(end)),
-                (readable, end) => readable.or(end),
-            };
-            match limit {
-                Some(limit) if self.pos < limit => return Some(self.read(limit - self.pos).await),
-                // Committed and fully read, or a finished download of unknown size.
-                _ if self.is_complete() => return None,
-                _ => {}
+            let limit = self.end.map_or(readable, |end| readable.min(end));
+            if self.pos < limit {
+                return Some(self.read(limit - self.pos).await);
             }
-            let progress = self.progress.as_mut().expect("only live downloads wait");
-            if progress.changed().await.is_err() && !self.is_complete() {
+            // A finished download of unknown size, fully read.
+            if self.is_complete() {
+                return None;
+            }
+            if self.progress.changed().await.is_err() && !self.is_complete() {
                 return Some(Err(io::Error::other("blob download ended unexpectedly")));
             }
         }
     }
 
-    /// How far the file may be read now; `None` means "no limit known".
-    fn readable_until(&self) -> io::Result<Option<u64>> {
-        let Some(progress) = &self.progress else {
-            return Ok(None);
-        };
-        match &*progress.borrow() {
-            Progress::Connecting => Ok(Some(0)),
-            Progress::Streaming { readable, .. } => Ok(Some(*readable)),
-            Progress::Complete { total } => Ok(Some(*total)),
+    /// How far the staging file may be read now.
+    fn readable_until(&self) -> io::Result<u64> {
+        match &*self.progress.borrow() {
+            Progress::Connecting => Ok(0),
+            Progress::Streaming { readable, .. } => Ok(*readable),
+            Progress::Complete { total } => Ok(*total),
             // Followers exist only once bytes were staged, which rules this out.
             Progress::PassThrough => Err(io::Error::other("download switched to pass-through")),
             Progress::Failed(err) => Err(io::Error::other(err.to_string())),
@@ -549,10 +545,7 @@ impl Follower {
     }
 
     fn is_complete(&self) -> bool {
-        match &self.progress {
-            None => true,
-            Some(progress) => matches!(*progress.borrow(), Progress::Complete { .. }),
-        }
+        matches!(*self.progress.borrow(), Progress::Complete { .. })
     }
 
     async fn read(&mut self, available: u64) -> io::Result<Bytes> {

@@ -11,13 +11,14 @@ use crate::gc;
 use crate::storage::Storage;
 
 fn storage(config: &Config) -> anyhow::Result<Storage> {
-    let root = &config.storage_root;
+    let storage = config.storage()?;
+    let root = storage.local_root();
     anyhow::ensure!(
-        root.join("blobs").is_dir(),
+        !storage.is_local() || root.join("blobs").is_dir(),
         "storage.filesystem.rootdirectory: {} holds no Kura cache",
         root.display()
     );
-    Ok(Storage::existing(root))
+    Ok(storage)
 }
 
 pub async fn ls(config: Config) -> anyhow::Result<()> {

@@ -12,21 +12,18 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::gc::referenced_digests;
 use crate::reference::{Digest, Reference, RepoName};
-use crate::storage::Storage;
 
 pub async fn warm(
     config: Config,
     images: Vec<String>,
     platform: Option<String>,
 ) -> anyhow::Result<()> {
-    let storage = Storage::prepare(&config.storage_root)
-        .await
-        .with_context(|| {
-            format!(
-                "storage.filesystem.rootdirectory: cannot use {}",
-                config.storage_root.display()
-            )
-        })?;
+    let storage = config.storage()?.prepare().await.with_context(|| {
+        format!(
+            "storage.filesystem.rootdirectory: cannot use {}",
+            config.storage_root.display()
+        )
+    })?;
     let registries = crate::server::build_registries(&config, &storage)?;
     for image in &images {
         let (name, reference) = split_image(image)?;

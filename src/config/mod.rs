@@ -29,14 +29,17 @@ pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
 
 /// Storage drivers of Distribution that Kura does not offer (yet); naming
 /// one is an error rather than silently caching somewhere else.
-const UNSUPPORTED_DRIVERS: &[&str] = &["s3", "azure", "gcs", "swift", "oss", "inmemory"];
+const UNSUPPORTED_DRIVERS: &[&str] = &["azure", "gcs", "swift", "oss", "inmemory"];
 
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `http.addr`, normalised so `:5000` means all interfaces.
     pub listen: String,
-    /// `storage.filesystem.rootdirectory`.
+    /// `storage.filesystem.rootdirectory`: the cache, or with S3 only the
+    /// downloads in progress.
     pub storage_root: PathBuf,
+    /// `storage.s3`: keep the cache in an S3-compatible bucket.
+    pub s3: Option<S3Config>,
     /// `proxy:`: the upstream for requests that name no registry. `None`
     /// when only `upstreams:` are configured.
     pub default_upstream: Option<UpstreamConfig>,
@@ -51,6 +54,23 @@ pub struct Config {
     pub htpasswd: Option<HtpasswdConfig>,
     /// Paths of configured keys that Kura accepts but does not implement.
     pub ignored_keys: Vec<String>,
+}
+
+/// Distribution's `storage.s3` keys.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    pub region: String,
+    /// `regionendpoint`: a non-AWS endpoint (MinIO, Ceph, ...).
+    pub endpoint: Option<String>,
+    /// `accesskey`/`secretkey`; without them the AWS environment and
+    /// profile chain applies.
+    pub access_key: Option<String>,
+    pub secret_key: Option<Secret>,
+    /// `rootdirectory`: a key prefix inside the bucket.
+    pub root: String,
+    /// `forcepathstyle`: path-style URLs (default when an endpoint is set).
+    pub path_style: bool,
 }
 
 /// Kura's `cache:` section: eviction beyond `proxy.ttl`.
@@ -194,6 +214,7 @@ impl Config {
             .string("storage.filesystem.rootdirectory")?
             .map(PathBuf::from)
             .unwrap_or_else(default_storage_root);
+        let s3 = read_s3(keys)?;
         let has_proxy = keys.string("proxy.remoteurl")?.is_some();
         let proxy = read_upstream(keys, "proxy.", &builtin_defaults())?;
         let (mut upstreams, ignored_in_list) = read_upstream_list(keys, &proxy)?;
@@ -211,6 +232,7 @@ impl Config {
         Ok(Self {
             listen,
             storage_root,
+            s3,
             default_upstream,
             upstreams,
             blob_ttl: (!blob_ttl.is_zero()).then_some(blob_ttl),
@@ -254,6 +276,17 @@ impl Config {
 }
 
 impl Config {
+    /// The configured storage, without I/O (see `Storage::open`).
+    pub fn storage(&self) -> std::io::Result<crate::storage::Storage> {
+        let objects = match &self.s3 {
+            Some(s3) => crate::storage::Objects::s3(s3)?,
+            None => crate::storage::Objects::Fs {
+                root: self.storage_root.clone(),
+            },
+        };
+        Ok(crate::storage::Storage::new(&self.storage_root, objects))
+    }
+
     /// What eviction keeps, from `proxy.ttl` and `cache.*`.
     pub fn gc_policy(&self) -> crate::gc::Policy {
         crate::gc::Policy {
@@ -292,6 +325,34 @@ pub fn parse_size(key: &str, raw: &str) -> Result<u64, ConfigError> {
         .parse()
         .map_err(|_| invalid(key, format!("{raw:?} is not a size like 200GiB")))?;
     Ok((value * multiplier as f64) as u64)
+}
+
+fn read_s3(keys: &mut KeyReader) -> Result<Option<S3Config>, ConfigError> {
+    if !keys.exists("storage.s3") {
+        return Ok(None);
+    }
+    let bucket = keys
+        .string("storage.s3.bucket")?
+        .ok_or_else(|| invalid("storage.s3.bucket", "required with storage.s3"))?;
+    let endpoint = keys.string("storage.s3.regionendpoint")?;
+    if let Some(endpoint) = &endpoint {
+        upstreams::parse_upstream_url("storage.s3.regionendpoint", endpoint)?;
+    }
+    Ok(Some(S3Config {
+        bucket,
+        region: keys
+            .string("storage.s3.region")?
+            .unwrap_or_else(|| "us-east-1".to_owned()),
+        path_style: keys
+            .bool("storage.s3.forcepathstyle")?
+            .unwrap_or(endpoint.is_some()),
+        endpoint,
+        access_key: keys.string("storage.s3.accesskey")?,
+        secret_key: keys.string("storage.s3.secretkey")?.map(Secret::from),
+        root: keys
+            .string("storage.s3.rootdirectory")?
+            .unwrap_or_else(|| "/".to_owned()),
+    }))
 }
 
 fn read_http(keys: &mut KeyReader) -> Result<HttpConfig, ConfigError> {
@@ -543,7 +604,8 @@ mod tests {
                 "log:\n  accesslog:\n    disabled: maybe\n",
                 "log.accesslog.disabled",
             ),
-            ("storage:\n  s3:\n    bucket: b\n", "storage.s3"),
+            ("storage:\n  s3:\n    region: x\n", "storage.s3.bucket"),
+            ("storage:\n  azure:\n    accountname: a\n", "storage.azure"),
             ("auth:\n  token:\n    realm: x\n", "auth.token"),
             ("http:\n  tls:\n    certificate: /c.pem\n", "http.tls.key"),
             ("http:\n  draintimeout: soon\n", "http.draintimeout"),

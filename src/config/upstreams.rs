@@ -189,7 +189,7 @@ pub fn validate_registry_name(name: &str) -> Result<(), String> {
     }
 }
 
-pub fn parse_upstream_url(key: &str, raw: &str) -> Result<Url, ConfigError> {
+pub(super) fn parse_upstream_url(key: &str, raw: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(raw).map_err(|e| invalid(key, format!("{raw:?} is not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return Err(invalid(

@@ -1,29 +1,34 @@
 //! Access recency, cheap to track: a request only updates an in-memory
-//! map; a periodic flush writes the times out as blob file mtimes (one
-//! syscall per blob used since the last flush, never one per request).
-//! Eviction reads `max(mtime, in-memory time)`.
+//! map; a periodic flush writes the times out, never one write per
+//! request. On disk they become blob mtimes; on S3 each node rewrites one
+//! small object (`_kura/access/<node>`) with the times it has seen, and
+//! eviction merges every node's object.
 
 use std::collections::HashMap;
+use std::io;
+use std::path::Path;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::objects::Objects;
 use crate::reference::Digest;
+
+const ACCESS_PREFIX: &str = "_kura/access/";
 
 #[derive(Debug, Default)]
 pub struct AccessTracker {
     recent: Mutex<HashMap<Digest, SystemTime>>,
+    /// S3: everything this node has flushed, rewritten as one object.
+    flushed: tokio::sync::Mutex<HashMap<Digest, SystemTime>>,
 }
 
 impl AccessTracker {
     pub fn record(&self, digest: &Digest) {
         let now = SystemTime::now();
-        let mut recent = self.recent.lock().expect("access lock");
-        match recent.get_mut(digest) {
-            Some(time) => *time = now,
-            None => {
-                recent.insert(digest.clone(), now);
-            }
-        }
+        self.recent
+            .lock()
+            .expect("access lock")
+            .insert(digest.clone(), now);
     }
 
     /// Accesses not yet flushed.
@@ -31,8 +36,67 @@ impl AccessTracker {
         self.recent.lock().expect("access lock").clone()
     }
 
-    /// Takes the accesses to flush, leaving the map empty.
-    pub fn drain(&self) -> HashMap<Digest, SystemTime> {
+    fn drain(&self) -> HashMap<Digest, SystemTime> {
         std::mem::take(&mut *self.recent.lock().expect("access lock"))
     }
+
+    pub async fn flush(&self, objects: &Objects, staging: &Path) -> io::Result<()> {
+        let accesses = self.drain();
+        if accesses.is_empty() {
+            return Ok(());
+        }
+        if objects.is_local() {
+            for (digest, time) in accesses {
+                objects.touch(&super::blobs::blob_key(&digest), time).await;
+            }
+            return Ok(());
+        }
+        let mut flushed = self.flushed.lock().await;
+        flushed.extend(accesses);
+        let encoded: HashMap<String, u64> = flushed
+            .iter()
+            .map(|(digest, time)| (digest.to_string(), seconds(*time)))
+            .collect();
+        let body = serde_json::to_vec(&encoded).map_err(io::Error::other)?;
+        objects
+            .write(&format!("{ACCESS_PREFIX}{}", node_name()), body, staging)
+            .await
+    }
+
+    /// Every node's flushed access times (S3); nothing on disk, where the
+    /// mtimes already carry them.
+    pub async fn load(&self, objects: &Objects) -> io::Result<HashMap<Digest, SystemTime>> {
+        let mut times = HashMap::new();
+        if objects.is_local() {
+            return Ok(times);
+        }
+        for (key, _) in objects.list(ACCESS_PREFIX).await? {
+            let Some(body) = objects.read(&key).await? else {
+                continue;
+            };
+            let Ok(entries) = serde_json::from_slice::<HashMap<String, u64>>(&body) else {
+                continue;
+            };
+            for (digest, secs) in entries {
+                if let Ok(digest) = Digest::parse(&digest) {
+                    let time = UNIX_EPOCH + Duration::from_secs(secs);
+                    let entry = times.entry(digest).or_insert(time);
+                    *entry = (*entry).max(time);
+                }
+            }
+        }
+        Ok(times)
+    }
+}
+
+fn seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// This node's name (the pod name in Kubernetes).
+fn node_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
 }

@@ -1,24 +1,20 @@
-//! Content-addressed blobs: staged while downloading, hashed on the fly,
-//! committed by rename only when the digest matches.
+//! Content-addressed blobs: staged on local disk while downloading, hashed
+//! on the fly, committed (renamed, or uploaded to S3) only when the digest
+//! matches.
 
 use std::io;
 use std::path::PathBuf;
 
+use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tokio::fs::{self, File};
 use tokio::io::AsyncWriteExt;
 
-use super::{Storage, rename_into_place};
+use super::Storage;
+use super::objects::ObjectReader;
 use crate::reference::Digest;
 
-/// A committed blob as eviction and the tools see it.
-#[derive(Debug, Clone)]
-pub struct BlobEntry {
-    pub digest: Digest,
-    pub size: u64,
-    /// Last served (flushed access time) or, if never served, committed.
-    pub last_used: std::time::SystemTime,
-}
+pub(super) const BLOBS_PREFIX: &str = "blobs/sha256/";
 
 /// Why a staged blob was not committed.
 #[derive(Debug, thiserror::Error)]
@@ -29,96 +25,69 @@ pub enum CommitError {
     Io(#[from] io::Error),
 }
 
-impl Storage {
-    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        self.blobs_dir().join(&hex[..2]).join(hex)
-    }
+/// A committed blob as eviction and the tools see it.
+#[derive(Debug, Clone)]
+pub struct BlobEntry {
+    pub digest: Digest,
+    pub size: u64,
+    /// Last modified: committed, or (on disk) last flushed use.
+    pub last_used: std::time::SystemTime,
+}
 
+pub fn blob_key(digest: &Digest) -> String {
+    let hex = digest.hex();
+    format!("{BLOBS_PREFIX}{}/{hex}", &hex[..2])
+}
+
+impl Storage {
     /// Opens a committed blob for reading, with its size.
-    pub async fn open_blob(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
-        match File::open(self.blob_path(digest)).await {
-            Ok(file) => {
-                let size = file.metadata().await?.len();
-                Ok(Some((file, size)))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+    pub async fn open_blob(&self, digest: &Digest) -> io::Result<Option<(ObjectReader, u64)>> {
+        self.objects.open(&blob_key(digest)).await
     }
 
     pub async fn blob_size(&self, digest: &Digest) -> io::Result<Option<u64>> {
-        match fs::metadata(self.blob_path(digest)).await {
-            Ok(meta) => Ok(Some(meta.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(self
+            .objects
+            .stat(&blob_key(digest))
+            .await?
+            .map(|meta| meta.size))
     }
 
-    /// Every committed blob with its size and last use (mtime).
+    pub async fn read_blob(&self, digest: &Digest) -> io::Result<Option<Vec<u8>>> {
+        self.objects.read(&blob_key(digest)).await
+    }
+
+    /// Every committed blob with its size and modification time.
     pub async fn list_blobs(&self) -> io::Result<Vec<BlobEntry>> {
-        let dir = self.blobs_dir();
-        tokio::task::spawn_blocking(move || {
-            let mut entries = Vec::new();
-            for prefix in std::fs::read_dir(&dir)? {
-                for blob in std::fs::read_dir(prefix?.path())? {
-                    let blob = blob?;
-                    let name = blob.file_name();
-                    let Some(digest) = name
-                        .to_str()
-                        .and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok())
-                    else {
-                        continue;
-                    };
-                    let meta = blob.metadata()?;
-                    entries.push(BlobEntry {
-                        digest,
-                        size: meta.len(),
-                        last_used: meta.modified()?,
-                    });
-                }
-            }
-            Ok(entries)
-        })
-        .await
-        .map_err(io::Error::other)?
+        let objects = self.objects.list(BLOBS_PREFIX).await?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|(key, meta)| {
+                let hex = key.rsplit('/').next()?;
+                Some(BlobEntry {
+                    digest: Digest::parse(&format!("sha256:{hex}")).ok()?,
+                    size: meta.size,
+                    last_used: meta.modified,
+                })
+            })
+            .collect())
     }
 
     /// Re-hashes a stored blob: whether its content still matches its name.
     pub async fn verify_blob(&self, digest: &Digest) -> io::Result<bool> {
-        let path = self.blob_path(digest);
-        let expected = digest.clone();
-        tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let mut file = std::fs::File::open(path)?;
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = file.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-            }
-            Ok(Digest::from_sha256(hasher.finalize().as_slice()) == expected)
-        })
-        .await
-        .map_err(io::Error::other)?
+        let Some((reader, size)) = self.open_blob(digest).await? else {
+            return Ok(false);
+        };
+        let mut stream = reader.into_stream(0, size).await?;
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = stream.next().await {
+            hasher.update(chunk?);
+        }
+        Ok(&Digest::from_sha256(hasher.finalize().as_slice()) == digest)
     }
 
     pub async fn delete_blob(&self, digest: &Digest) -> io::Result<()> {
-        match fs::remove_file(self.blob_path(digest)).await {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    pub async fn read_blob(&self, digest: &Digest) -> io::Result<Option<Vec<u8>>> {
-        match fs::read(self.blob_path(digest)).await {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.objects.delete(&blob_key(digest)).await
     }
 
     /// Stores bytes already in memory (manifests) after checking their digest.
@@ -130,11 +99,11 @@ impl Storage {
                 actual,
             });
         }
-        self.write_atomic(&self.blob_path(digest), bytes).await?;
+        self.write_small(&blob_key(digest), bytes).await?;
         Ok(())
     }
 
-    /// Starts a download: a new file in staging that hashes what is written.
+    /// Starts a download: a new local staging file that hashes what is written.
     pub async fn stage_blob(&self) -> io::Result<StagedBlob> {
         let path = self.new_staging_path();
         let file = File::create(&path).await?;
@@ -178,7 +147,7 @@ impl StagedBlob {
         Ok(())
     }
 
-    /// Verifies the digest and renames the file into content-addressed
+    /// Verifies the digest and commits the blob to content-addressed
     /// storage. On mismatch the staging file is removed.
     pub async fn commit(mut self, expected: &Digest) -> Result<(), CommitError> {
         self.file.flush().await?;
@@ -190,8 +159,10 @@ impl StagedBlob {
                 actual,
             });
         }
-        let dest = self.storage.blob_path(expected);
-        rename_into_place(&self.path, &dest).await?;
+        self.storage
+            .objects
+            .commit_file(&self.path, &blob_key(expected))
+            .await?;
         Ok(())
     }
 

@@ -1,35 +1,44 @@
-//! The on-disk cache, under `storage.filesystem.rootdirectory`:
+//! The cache's storage: content-addressed blobs and the per-repository
+//! index, on local disk (default) or in an S3-compatible bucket
+//! ([`objects`]), with downloads staged on local disk either way.
 //!
 //! ```text
-//! blobs/sha256/<2 hex>/<64 hex>                      content, layers and manifests alike
-//! staging/<uuid>                                     downloads in progress (swept at startup)
-//! repositories/<name>/_manifests/revisions/sha256/<hex>   manifest media type: "this repo has it"
-//! repositories/<name>/_manifests/tags/<tag>          "sha256:<hex>"; mtime = last confirmed upstream
+//! blobs/sha256/<2 hex>/<64 hex>                             content, layers and manifests alike
+//! repositories/<name>/_manifests/revisions/sha256/<hex>      manifest media type: "this repo has it"
+//! repositories/<name>/_manifests/tags/<tag>                 "sha256:<hex>"; modified = last confirmed
+//! repositories/<registry>/<name>/...                        the same, for a named upstream
+//! _kura/access/<node>                                       last use per blob (S3 only)
+//! <local root>/staging/<uuid>                               downloads in progress (swept at startup)
 //! ```
 //!
-//! Every file is created in `staging/` and renamed into place, so a reader
-//! (or a restart after `kill -9`) sees either nothing or a complete file.
-//! Blobs are committed only after their digest was verified
-//! ([`blobs`]), and an index entry is written only after the content it
-//! points at ([`index`]).
+//! A blob is committed (renamed or uploaded) only after its digest was
+//! verified ([`blobs`]); an index entry is written only after the content
+//! it points at ([`index`]). Small files are written via staging + rename,
+//! objects by a single PUT, so readers see complete content or nothing.
 
 pub mod access;
 pub mod blobs;
 pub mod index;
+pub mod objects;
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio::fs;
 
 pub use blobs::StagedBlob;
+pub use objects::Objects;
 
 use crate::reference::Digest;
 
 #[derive(Debug, Clone)]
 pub struct Storage {
-    root: PathBuf,
+    /// The cache root on disk; for S3, only staging lives here.
+    local: PathBuf,
+    objects: Objects,
     /// The registry whose repositories this view indexes (`ghcr.io`), so
     /// equal repository names of different upstreams never collide; `None`
     /// for the default upstream. Blobs are shared by all views.
@@ -39,37 +48,64 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// Creates the layout under `root` and removes staging leftovers of a
-    /// previous run (they can never be committed: their download is gone).
-    pub async fn open(root: &Path) -> io::Result<Self> {
-        let staging = root.join("staging");
+    /// A storage view without any I/O; see [`Storage::open`] and
+    /// [`Storage::prepare`] to create the layout.
+    pub fn new(local: &Path, objects: Objects) -> Self {
+        Self {
+            local: local.to_owned(),
+            objects,
+            namespace: None,
+            access: Arc::default(),
+        }
+    }
+
+    /// A cache on local disk at `root`, as the tools open it (no I/O).
+    pub fn local(root: &Path) -> Self {
+        Self::new(
+            root,
+            Objects::Fs {
+                root: root.to_owned(),
+            },
+        )
+    }
+
+    /// Creates the layout and removes staging leftovers of a previous run
+    /// (they can never be committed: their download is gone).
+    pub async fn open(self) -> io::Result<Self> {
+        let staging = self.staging_dir();
         if fs::try_exists(&staging).await? {
             fs::remove_dir_all(&staging).await?;
         }
-        Self::prepare(root).await
+        self.prepare().await
     }
 
     /// Creates the layout if missing, leaving staging alone: for tools that
     /// write (`kura warm`) while a server may be using the same cache.
-    pub async fn prepare(root: &Path) -> io::Result<Self> {
-        let storage = Self::existing(root);
-        for dir in [
-            storage.staging_dir(),
-            storage.blobs_dir(),
-            storage.repositories_dir(),
-        ] {
-            fs::create_dir_all(&dir).await?;
+    pub async fn prepare(self) -> io::Result<Self> {
+        fs::create_dir_all(self.staging_dir()).await?;
+        if self.objects.is_local() {
+            fs::create_dir_all(self.local.join("blobs")).await?;
+            fs::create_dir_all(self.local.join("repositories")).await?;
         }
-        Ok(storage)
+        Ok(self)
     }
 
-    /// A view of a cache another process may be serving: no staging sweep,
-    /// nothing created (for the command-line tools).
-    pub fn existing(root: &Path) -> Self {
+    /// Whether this is a local cache (the tools check it exists).
+    pub fn is_local(&self) -> bool {
+        self.objects.is_local()
+    }
+
+    pub fn local_root(&self) -> &Path {
+        &self.local
+    }
+
+    /// A view whose repositories live under `repositories/<registry>/`,
+    /// which is also how `_catalog` then lists them. `registry` must be a
+    /// validated registry name (no `/`, no `..`).
+    pub fn namespaced(&self, registry: &str) -> Self {
         Self {
-            root: root.to_owned(),
-            namespace: None,
-            access: Arc::default(),
+            namespace: Some(registry.to_owned()),
+            ..self.clone()
         }
     }
 
@@ -78,51 +114,36 @@ impl Storage {
         self.access.record(digest);
     }
 
-    /// Accesses not yet written out, for eviction decisions.
-    pub fn recent_accesses(&self) -> std::collections::HashMap<Digest, std::time::SystemTime> {
-        self.access.snapshot()
+    /// Last use per blob beyond what the backend's modification times say:
+    /// accesses not yet flushed, plus (S3) every node's flushed accesses.
+    pub async fn access_times(&self) -> io::Result<HashMap<Digest, SystemTime>> {
+        let mut times = self.access.load(&self.objects).await?;
+        for (digest, time) in self.access.snapshot() {
+            let entry = times.entry(digest).or_insert(time);
+            *entry = (*entry).max(time);
+        }
+        Ok(times)
     }
 
-    /// Writes recorded accesses out as blob mtimes.
+    /// Writes recorded accesses out (blob mtimes, or this node's access
+    /// object on S3).
     pub async fn flush_accesses(&self) {
-        let accesses = self.access.drain();
-        let paths: Vec<_> = accesses
-            .into_iter()
-            .map(|(digest, time)| (self.blob_path(&digest), time))
-            .collect();
-        let _ = tokio::task::spawn_blocking(move || {
-            for (path, time) in paths {
-                // A blob evicted or never committed has nothing to touch.
-                if let Ok(file) = std::fs::File::options().write(true).open(&path) {
-                    let _ = file.set_modified(time);
-                }
-            }
-        })
-        .await;
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// A view whose repositories live under `repositories/<registry>/`,
-    /// which is also how `_catalog` then lists them. `registry` must be a
-    /// validated registry name (no `/`, no `..`).
-    pub fn namespaced(&self, registry: &str) -> Self {
-        Self {
-            root: self.root.clone(),
-            namespace: Some(registry.to_owned()),
-            access: self.access.clone(),
+        if let Err(e) = self
+            .access
+            .flush(&self.objects, &self.new_staging_path())
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record access times");
         }
     }
 
-    /// Whether a blob of `size` bytes fits with room to spare, so a cold
-    /// download that cannot be stored is passed through instead of failing
-    /// midway with ENOSPC.
+    /// Whether a blob of `size` bytes fits in staging with room to spare,
+    /// so a cold download that cannot be stored is passed through instead
+    /// of failing midway with ENOSPC.
     pub fn has_room_for(&self, size: u64) -> bool {
         // Keep some space for index files and concurrent downloads.
         const RESERVE: u64 = 16 << 20;
-        match rustix::fs::statvfs(&self.root) {
+        match rustix::fs::statvfs(&self.local) {
             Ok(stats) => {
                 stats.f_bavail.saturating_mul(stats.f_frsize) >= size.saturating_add(RESERVE)
             }
@@ -132,35 +153,30 @@ impl Storage {
     }
 
     fn staging_dir(&self) -> PathBuf {
-        self.root.join("staging")
-    }
-
-    fn blobs_dir(&self) -> PathBuf {
-        self.root.join("blobs").join("sha256")
-    }
-
-    fn repositories_dir(&self) -> PathBuf {
-        self.root.join("repositories")
+        self.local.join("staging")
     }
 
     fn new_staging_path(&self) -> PathBuf {
         self.staging_dir().join(uuid::Uuid::new_v4().to_string())
     }
 
-    /// Proves the storage accepts writes (readiness): a probe file in
-    /// staging, written and removed.
+    /// Proves the storage accepts writes (readiness): a probe object
+    /// written and removed.
     pub async fn probe_writable(&self) -> io::Result<()> {
-        let probe = self.new_staging_path();
-        fs::write(&probe, b"probe").await?;
-        fs::remove_file(&probe).await
+        let key = format!("_kura/probe-{}", uuid::Uuid::new_v4());
+        self.objects
+            .write(&key, b"probe".to_vec(), &self.new_staging_path())
+            .await?;
+        self.objects.delete(&key).await
     }
 
-    /// Bytes and number of committed blobs (a directory walk).
+    /// Bytes and number of committed blobs.
     pub async fn usage(&self) -> io::Result<Usage> {
-        let blobs_dir = self.blobs_dir();
-        tokio::task::spawn_blocking(move || walk_usage(&blobs_dir))
-            .await
-            .map_err(io::Error::other)?
+        let blobs = self.objects.list(blobs::BLOBS_PREFIX).await?;
+        Ok(Usage {
+            bytes: blobs.iter().map(|(_, meta)| meta.size).sum(),
+            blobs: blobs.len() as u64,
+        })
     }
 
     /// Removes everything in staging: on shutdown, downloads that did not
@@ -173,11 +189,11 @@ impl Storage {
         Ok(())
     }
 
-    /// Writes a small file atomically: staging file, then rename.
-    async fn write_atomic(&self, dest: &Path, contents: &[u8]) -> io::Result<()> {
-        let staging = self.new_staging_path();
-        fs::write(&staging, contents).await?;
-        rename_into_place(&staging, dest).await
+    /// Writes a small object whole (via staging + rename on disk).
+    async fn write_small(&self, key: &str, contents: &[u8]) -> io::Result<()> {
+        self.objects
+            .write(key, contents.to_vec(), &self.new_staging_path())
+            .await
     }
 }
 
@@ -186,28 +202,4 @@ impl Storage {
 pub struct Usage {
     pub bytes: u64,
     pub blobs: u64,
-}
-
-fn walk_usage(blobs_dir: &Path) -> io::Result<Usage> {
-    let mut usage = Usage::default();
-    for prefix in std::fs::read_dir(blobs_dir)? {
-        for blob in std::fs::read_dir(prefix?.path())? {
-            let meta = blob?.metadata()?;
-            usage.bytes += meta.len();
-            usage.blobs += 1;
-        }
-    }
-    Ok(usage)
-}
-
-/// Renames `from` to `to`, creating `to`'s parent directory if needed.
-async fn rename_into_place(from: &Path, to: &Path) -> io::Result<()> {
-    if let Some(parent) = to.parent() {
-        fs::create_dir_all(parent).await?;
-    }
-    let result = fs::rename(from, to).await;
-    if result.is_err() {
-        let _ = fs::remove_file(from).await;
-    }
-    result
 }

@@ -1,0 +1,329 @@
+//! Where the cache's bytes live: files under the local root, or objects in
+//! an S3-compatible bucket through OpenDAL. Everything above this module
+//! speaks in keys (`blobs/sha256/ab/ab…`, `repositories/x/_manifests/…`);
+//! only these few operations know the backend.
+//!
+//! OpenDAL rather than object_store: one crate covers S3 with path-style
+//! endpoints, the AWS credential chain, ranged streaming reads and chunked
+//! multipart writes with bounded memory, and is an Apache project with a
+//! steady release cadence.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use opendal::Operator;
+use tokio::fs;
+use tokio::io::AsyncReadExt;
+
+use crate::config::S3Config;
+
+/// Part size for multipart uploads: memory per upload stays at a few parts.
+const UPLOAD_PART: usize = 16 << 20;
+
+#[derive(Clone)]
+pub enum Objects {
+    /// Files under the cache root; staging is on the same filesystem, so a
+    /// commit is a rename.
+    Fs { root: PathBuf },
+    /// A bucket; staging stays on local disk and a commit is an upload.
+    S3 { op: Operator },
+}
+
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Objects::Fs { root } => write!(f, "Fs({})", root.display()),
+            Objects::S3 { .. } => f.write_str("S3"),
+        }
+    }
+}
+
+/// What a listing or stat tells about an object.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectMeta {
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+/// An open object, ready to stream any byte range.
+pub enum ObjectReader {
+    File(fs::File),
+    Remote(opendal::Reader),
+}
+
+fn not_found_as_none<T>(result: io::Result<T>) -> io::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Objects {
+    /// A bucket as Distribution's `storage.s3` describes it.
+    pub fn s3(config: &S3Config) -> io::Result<Self> {
+        let mut builder = opendal::services::S3::default()
+            .bucket(&config.bucket)
+            .region(&config.region)
+            .root(&config.root);
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.endpoint(endpoint);
+        }
+        if !config.path_style {
+            builder = builder.enable_virtual_host_style();
+        }
+        if let (Some(access), Some(secret)) = (&config.access_key, &config.secret_key) {
+            builder = builder
+                .access_key_id(access)
+                .secret_access_key(secret.expose());
+        }
+        let op = Operator::new(builder).map_err(io::Error::from)?;
+        Ok(Objects::S3 { op })
+    }
+
+    pub fn is_local(&self) -> bool {
+        matches!(self, Objects::Fs { .. })
+    }
+
+    fn path(root: &Path, key: &str) -> PathBuf {
+        root.join(key)
+    }
+
+    pub async fn read(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
+        match self {
+            Objects::Fs { root } => not_found_as_none(fs::read(Self::path(root, key)).await),
+            Objects::S3 { op } => not_found_as_none(
+                op.read(key)
+                    .await
+                    .map(|b| b.to_vec())
+                    .map_err(io::Error::from),
+            ),
+        }
+    }
+
+    /// Writes a whole small object; readers see the old version or the new
+    /// one, never a mix (`staging` holds the temporary file on disk).
+    pub async fn write(&self, key: &str, bytes: Vec<u8>, staging: &Path) -> io::Result<()> {
+        match self {
+            Objects::Fs { root } => {
+                fs::write(staging, &bytes).await?;
+                rename_into_place(staging, &Self::path(root, key)).await
+            }
+            Objects::S3 { op } => op
+                .write(key, bytes)
+                .await
+                .map(|_| ())
+                .map_err(io::Error::from),
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> io::Result<()> {
+        match self {
+            Objects::Fs { root } => {
+                not_found_as_none(fs::remove_file(Self::path(root, key)).await).map(|_| ())
+            }
+            Objects::S3 { op } => op.delete(key).await.map_err(io::Error::from),
+        }
+    }
+
+    pub async fn stat(&self, key: &str) -> io::Result<Option<ObjectMeta>> {
+        match self {
+            Objects::Fs { root } => {
+                let meta = not_found_as_none(fs::metadata(Self::path(root, key)).await)?;
+                meta.map(|m| {
+                    Ok(ObjectMeta {
+                        size: m.len(),
+                        modified: m.modified()?,
+                    })
+                })
+                .transpose()
+            }
+            Objects::S3 { op } => {
+                let meta = not_found_as_none(op.stat(key).await.map_err(io::Error::from))?;
+                Ok(meta.map(|m| remote_meta(&m)))
+            }
+        }
+    }
+
+    /// Every object under `prefix` (a directory-like key ending in `/`),
+    /// recursively.
+    pub async fn list(&self, prefix: &str) -> io::Result<Vec<(String, ObjectMeta)>> {
+        match self {
+            Objects::Fs { root } => {
+                let (root, prefix) = (root.clone(), prefix.to_owned());
+                tokio::task::spawn_blocking(move || walk(&root, &prefix))
+                    .await
+                    .map_err(io::Error::other)?
+            }
+            Objects::S3 { op } => {
+                let entries = not_found_as_none(
+                    op.list_with(prefix)
+                        .recursive(true)
+                        .await
+                        .map_err(io::Error::from),
+                )?;
+                Ok(entries
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|e| e.metadata().is_file())
+                    .map(|e| (e.path().to_owned(), remote_meta(e.metadata())))
+                    .collect())
+            }
+        }
+    }
+
+    pub async fn open(&self, key: &str) -> io::Result<Option<(ObjectReader, u64)>> {
+        match self {
+            Objects::Fs { root } => {
+                let Some(file) = not_found_as_none(fs::File::open(Self::path(root, key)).await)?
+                else {
+                    return Ok(None);
+                };
+                let size = file.metadata().await?.len();
+                Ok(Some((ObjectReader::File(file), size)))
+            }
+            Objects::S3 { op } => {
+                let Some(meta) = self.stat(key).await? else {
+                    return Ok(None);
+                };
+                let reader = op
+                    .reader_with(key)
+                    .chunk(4 << 20)
+                    .await
+                    .map_err(io::Error::from)?;
+                Ok(Some((ObjectReader::Remote(reader), meta.size)))
+            }
+        }
+    }
+
+    /// Makes a verified local file the object `key`: a rename on disk, a
+    /// streaming multipart upload (memory bounded by the part size) to S3.
+    /// The local file is gone afterwards either way.
+    pub async fn commit_file(&self, local: &Path, key: &str) -> io::Result<()> {
+        match self {
+            Objects::Fs { root } => rename_into_place(local, &Self::path(root, key)).await,
+            Objects::S3 { op } => {
+                let result = upload(op, local, key).await;
+                let _ = fs::remove_file(local).await;
+                result
+            }
+        }
+    }
+
+    /// Sets a file's mtime (last use). Objects cannot be touched; the S3
+    /// backend keeps access times elsewhere.
+    pub async fn touch(&self, key: &str, time: SystemTime) {
+        if let Objects::Fs { root } = self {
+            let path = Self::path(root, key);
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Ok(file) = std::fs::File::options().write(true).open(&path) {
+                    let _ = file.set_modified(time);
+                }
+            })
+            .await;
+        }
+    }
+}
+
+impl ObjectReader {
+    /// Bytes `start..end` as a stream.
+    pub async fn into_stream(
+        self,
+        start: u64,
+        end: u64,
+    ) -> io::Result<BoxStream<'static, io::Result<Bytes>>> {
+        match self {
+            ObjectReader::File(mut file) => {
+                use tokio::io::AsyncSeekExt;
+                file.seek(io::SeekFrom::Start(start)).await?;
+                let limited = file.take(end - start);
+                Ok(tokio_util::io::ReaderStream::with_capacity(limited, 256 * 1024).boxed())
+            }
+            ObjectReader::Remote(reader) => {
+                let stream = reader
+                    .into_bytes_stream(start..end)
+                    .await
+                    .map_err(io::Error::from)?;
+                Ok(stream.map_err(io::Error::other).boxed())
+            }
+        }
+    }
+}
+
+async fn upload(op: &Operator, local: &Path, key: &str) -> io::Result<()> {
+    let mut file = fs::File::open(local).await?;
+    let mut writer = op
+        .writer_with(key)
+        .chunk(UPLOAD_PART)
+        .await
+        .map_err(io::Error::from)?;
+    let mut buf = vec![0u8; UPLOAD_PART];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        if let Err(e) = writer.write(Bytes::copy_from_slice(&buf[..n])).await {
+            let _ = writer.abort().await;
+            return Err(e.into());
+        }
+    }
+    writer.close().await.map(|_| ()).map_err(io::Error::from)
+}
+
+fn remote_meta(meta: &opendal::Metadata) -> ObjectMeta {
+    ObjectMeta {
+        size: meta.content_length(),
+        modified: meta
+            .last_modified()
+            .map_or(SystemTime::UNIX_EPOCH, SystemTime::from),
+    }
+}
+
+fn walk(root: &Path, prefix: &str) -> io::Result<Vec<(String, ObjectMeta)>> {
+    let mut found = Vec::new();
+    let mut pending = vec![prefix.trim_end_matches('/').to_owned()];
+    while let Some(dir) = pending.pop() {
+        let entries = match std::fs::read_dir(root.join(&dir)) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let key = format!("{dir}/{name}");
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                pending.push(key);
+            } else {
+                found.push((
+                    key,
+                    ObjectMeta {
+                        size: meta.len(),
+                        modified: meta.modified()?,
+                    },
+                ));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Renames `from` to `to`, creating `to`'s parent directory if needed.
+async fn rename_into_place(from: &Path, to: &Path) -> io::Result<()> {
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent).await?;
+    }
+    let result = fs::rename(from, to).await;
+    if result.is_err() {
+        let _ = fs::remove_file(from).await;
+    }
+    result
+}
