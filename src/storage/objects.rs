@@ -66,6 +66,10 @@ fn not_found_as_none<T>(result: io::Result<T>) -> io::Result<Option<T>> {
 impl Objects {
     /// A bucket as Distribution's `storage.s3` describes it.
     pub fn s3(config: &S3Config) -> io::Result<Self> {
+        // OpenDAL sends through a process-wide HTTP transport (reqwest with
+        // rustls); both use ring, the provider the rest of Kura uses.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        opendal_http_transport_reqwest::install_default();
         let mut builder = opendal::services::S3::default()
             .bucket(&config.bucket)
             .region(&config.region)

@@ -15,6 +15,7 @@ pub mod kura;
 pub mod net;
 pub mod process;
 pub mod registry_client;
+pub mod s3;
 pub mod server;
 pub mod token;
 pub mod upstream;

@@ -11,13 +11,15 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(10);
 const REAP_POLL: Duration = Duration::from_millis(10);
 
 /// The Debian package that provides `tool`, for error messages.
-fn debian_package(tool: &str) -> &'static str {
+/// The command that installs a tool on a Debian machine.
+fn install_command(tool: &str) -> &'static str {
     match tool {
-        "docker-registry" => "docker-registry",
-        "skopeo" => "skopeo",
-        "podman" => "podman",
-        "containerd" | "ctr" => "containerd",
-        "htpasswd" => "apache2-utils",
+        "docker-registry" => "apt-get install -y docker-registry",
+        "skopeo" => "apt-get install -y skopeo",
+        "podman" => "apt-get install -y podman",
+        "containerd" | "ctr" => "apt-get install -y containerd",
+        "htpasswd" => "apt-get install -y apache2-utils",
+        "moto_server" => "pip install 'moto[server]'",
         _ => "(unknown package)",
     }
 }
@@ -28,16 +30,14 @@ pub fn require_tool(name: &str) -> PathBuf {
     if let Some(path) = find_tool(name) {
         return path;
     }
-    let package = debian_package(name);
+    let install = install_command(name);
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!(
-            "required tool `{name}` is missing on the CI machine: .ci/run must install the Debian \
-             package `{package}` before running the tests"
+            "required tool `{name}` is missing on the CI machine: .ci/run must run `{install}` first"
         );
     }
     panic!(
-        "required tool `{name}` is missing: install it with `apt-get install -y {package}` \
-         (tests never skip silently)"
+        "required tool `{name}` is missing: install it with `{install}` (tests never skip silently)"
     );
 }
 

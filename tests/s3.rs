@@ -1,0 +1,133 @@
+//! Kura on S3-compatible storage (moto's server as the bucket): replicas
+//! sharing one bucket form one cache.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use support::clients::skopeo_copy;
+use support::images::sha256_digest;
+use support::s3::S3Server;
+use support::{Kura, KuraOptions, PushedImage, Upstream, seed_all};
+use tempfile::TempDir;
+
+/// A Kura replica whose cache is the bucket; its local dir only stages.
+async fn replica(s3: &S3Server, upstream: &Upstream) -> (Kura, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kura.yml");
+    std::fs::write(&config, s3.storage_yaml(&dir.path().join("local"))).unwrap();
+    let mut options = KuraOptions::for_upstream(upstream);
+    options.extra_args.push(config.display().to_string());
+    (Kura::start(options).await, dir)
+}
+
+async fn pull_blobs(kura: &Kura, image: &PushedImage) {
+    let client = support::net::http_client(Duration::from_secs(60));
+    let manifest = format!("{}/v2/{}/manifests/latest", kura.url(), image.repository);
+    assert_eq!(
+        client.get(&manifest).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    for blob in std::iter::once(&image.config).chain(&image.layers) {
+        let url = format!(
+            "{}/v2/{}/blobs/{}",
+            kura.url(),
+            image.repository,
+            blob.digest
+        );
+        let body = client
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(sha256_digest(&body), blob.digest, "{url}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_one_replica_cached_another_serves_with_the_upstream_gone() {
+    let s3 = S3Server::start().await;
+    let mut upstream = Upstream::anonymous().await;
+    let seeded = seed_all(&upstream).await;
+    let (a, _a_dir) = replica(&s3, &upstream).await;
+    let (b, _b_dir) = replica(&s3, &upstream).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let image = &seeded.multilayer;
+    let index = &seeded.oci_index;
+    let via_a = skopeo_copy(
+        a.addr(),
+        &image.reference(),
+        &work.path().join("a-image"),
+        false,
+    );
+    let index_via_a = skopeo_copy(
+        a.addr(),
+        &index.reference(),
+        &work.path().join("a-index"),
+        true,
+    );
+
+    upstream.stop();
+    let via_b = skopeo_copy(
+        b.addr(),
+        &image.reference(),
+        &work.path().join("b-image"),
+        false,
+    );
+    let index_via_b = skopeo_copy(
+        b.addr(),
+        &index.reference(),
+        &work.path().join("b-index"),
+        true,
+    );
+    assert_eq!(via_a, via_b);
+    assert_eq!(via_b.digests, image.all_digests());
+    assert_eq!(index_via_a, index_via_b);
+    assert_eq!(index_via_b.digests, index.all_digests());
+
+    let catalog: serde_json::Value = reqwest::get(format!("{}/v2/_catalog", b.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        catalog["repositories"],
+        serde_json::json!([image.repository, index.repository])
+    );
+    let local_blobs = _b_dir.path().join("local/blobs");
+    assert!(!local_blobs.exists(), "an S3 replica stored blobs locally");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_cold_pulling_at_once_both_succeed_and_store_one_copy() {
+    let s3 = S3Server::start().await;
+    let upstream = Upstream::anonymous().await;
+    let seeded = seed_all(&upstream).await;
+    let (a, _a_dir) = replica(&s3, &upstream).await;
+    let (b, _b_dir) = replica(&s3, &upstream).await;
+    let image = &seeded.multilayer;
+
+    tokio::join!(pull_blobs(&a, image), pull_blobs(&b, image));
+
+    let stored: Vec<String> = s3.keys("kura/blobs/sha256/").await;
+    let distinct: BTreeSet<String> = stored
+        .iter()
+        .map(|key| format!("sha256:{}", key.rsplit('/').next().unwrap()))
+        .collect();
+    assert_eq!(
+        stored.len(),
+        distinct.len(),
+        "a blob is stored twice: {stored:?}"
+    );
+    assert_eq!(distinct, image.all_digests());
+    // Both replicas now serve it warm.
+    pull_blobs(&a, image).await;
+    pull_blobs(&b, image).await;
+}

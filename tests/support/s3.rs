@@ -1,0 +1,104 @@
+//! An S3-protocol server for the tests: moto's server (`pip install
+//! 'moto[server]'`) on a loopback port, with one bucket; killed on drop.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use super::net::{free_port, http_client, wait_http_ok};
+use super::process::{ChildGuard, require_tool};
+
+pub const BUCKET: &str = "kura-test";
+pub const ACCESS_KEY: &str = "test-access";
+pub const SECRET_KEY: &str = "test-secret";
+
+pub struct S3Server {
+    process: ChildGuard,
+    endpoint: String,
+    _log_dir: TempDir,
+}
+
+impl S3Server {
+    pub async fn start() -> Self {
+        let log_dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut command = Command::new(require_tool("moto_server"));
+        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        let process = ChildGuard::spawn("moto_server", command, &log_dir.path().join("moto.log"));
+        let endpoint = format!("http://127.0.0.1:{port}");
+        wait_http_ok(&format!("{endpoint}/moto-api/"), Duration::from_secs(20)).await;
+        let created = http_client(Duration::from_secs(10))
+            .put(format!("{endpoint}/{BUCKET}"))
+            .send()
+            .await
+            .expect("create bucket");
+        assert!(
+            created.status().is_success(),
+            "create bucket: {}",
+            created.status()
+        );
+        Self {
+            process,
+            endpoint,
+            _log_dir: log_dir,
+        }
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// A Distribution-style `storage:` section for this bucket, with
+    /// `local` as the (staging-only) root directory.
+    pub fn storage_yaml(&self, local: &Path) -> String {
+        format!(
+            "storage:\n  filesystem:\n    rootdirectory: {}\n  s3:\n    region: us-east-1\n    bucket: {BUCKET}\n    \
+             regionendpoint: {}\n    accesskey: {ACCESS_KEY}\n    secretkey: {SECRET_KEY}\n    rootdirectory: /kura\n",
+            local.display(),
+            self.endpoint
+        )
+    }
+
+    /// Keys in the bucket under `prefix` (ListObjectsV2, following pages).
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let client = http_client(Duration::from_secs(30));
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut url = format!("{}/{BUCKET}?list-type=2&prefix={prefix}", self.endpoint);
+            if let Some(token) = &token {
+                url.push_str(&format!("&continuation-token={token}"));
+            }
+            let body = client
+                .get(&url)
+                .send()
+                .await
+                .expect("list")
+                .text()
+                .await
+                .expect("list body");
+            keys.extend(xml_values(&body, "Key"));
+            token = xml_values(&body, "NextContinuationToken")
+                .into_iter()
+                .next();
+            if token.is_none() {
+                return keys;
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+}
+
+fn xml_values(body: &str, tag: &str) -> Vec<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    body.split(&open)
+        .skip(1)
+        .filter_map(|rest| rest.split_once(&close).map(|(value, _)| value.to_owned()))
+        .collect()
+}
