@@ -2,9 +2,10 @@
 //! download per digest that writes to a staging file at upstream speed while
 //! every client follows that file at its own pace.
 //!
-//! The download keeps its most recent chunk unreadable until the digest is
-//! verified, so a client can never receive a complete-looking body whose
-//! digest is wrong: on mismatch or truncation its transfer is cut short.
+//! The download keeps the last byte of a known-length blob unreadable until
+//! the digest is verified, so a client can never receive a complete-looking
+//! body whose digest is wrong: on mismatch or truncation its transfer is
+//! cut short.
 
 use std::collections::HashMap;
 use std::io;
@@ -212,7 +213,7 @@ impl Cache {
             .await
         {
             Ok(Staged::Written) => {
-                let total = staged.written();
+                let total = staged.received();
                 staged.commit(digest).await.map_err(|e| match e {
                     CommitError::DigestMismatch { .. } => {
                         count_failure("digest_mismatch");
@@ -272,21 +273,25 @@ impl Cache {
                 transfer_failed(format!("upstream transfer failed: {e}"))
             })?;
             fetched.inc_by(chunk.len() as u64);
-            if total.is_some_and(|total| staged.written() + chunk.len() as u64 > total) {
+            if total.is_some_and(|total| staged.received() + chunk.len() as u64 > total) {
                 count_failure("overlong");
                 return Err(transfer_failed(
                     "upstream sent more than its Content-Length".into(),
                 ));
             }
+            let before = staged.written();
             staged.write(&chunk).await.map_err(|e| {
                 count_failure("storage");
                 storage_error(e)
             })?;
-            // The newest chunk stays unreadable until the digest is checked.
-            let readable = staged.written() - chunk.len() as u64;
-            progress.send_replace(Progress::Streaming { total, readable });
+            if staged.written() != before {
+                progress.send_replace(Progress::Streaming {
+                    total,
+                    readable: readable_before_verification(staged.written(), total),
+                });
+            }
         }
-        if total.is_some_and(|total| staged.written() != total) {
+        if total.is_some_and(|total| staged.received() != total) {
             count_failure("truncated");
             return Err(transfer_failed(
                 "upstream body shorter than its Content-Length".into(),
@@ -361,6 +366,18 @@ fn count_failure(reason: &'static str) {
         .download_failures
         .get_or_create(&ReasonLabels { reason })
         .inc();
+}
+
+/// How much of a download followers may read before its digest is checked:
+/// with a known length, everything but the last byte, so no client can
+/// receive a complete-looking body that turns out wrong. (Without a length
+/// there is nothing to mistake: a failed transfer ends without the final
+/// chunk of chunked encoding.)
+fn readable_before_verification(written: u64, total: Option<u64>) -> u64 {
+    match total {
+        Some(total) => written.min(total.saturating_sub(1)),
+        None => written,
+    }
 }
 
 /// What became of a download's bytes.

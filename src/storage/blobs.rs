@@ -5,10 +5,10 @@
 use std::io;
 use std::path::PathBuf;
 
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tokio::fs::{self, File};
-use tokio::io::AsyncWriteExt;
 
 use super::Storage;
 use super::objects::ObjectReader;
@@ -106,16 +106,22 @@ impl Storage {
     /// Starts a download: a new local staging file that hashes what is written.
     pub async fn stage_blob(&self) -> io::Result<StagedBlob> {
         let path = self.new_staging_path();
-        let file = File::create(&path).await?;
+        let file = File::create(&path).await?.into_std().await;
         Ok(StagedBlob {
             storage: self.clone(),
             path,
-            file,
-            hasher: Sha256::new(),
+            sink: Some(Box::new((file, Sha256::new()))),
+            pending: BytesMut::new(),
+            received: 0,
             written: 0,
         })
     }
 }
+
+/// Bytes gathered before one write to the staging file: a write (and the
+/// hashing with it) is a trip to the blocking pool, and upstream chunks are
+/// often only a few KiB.
+const WRITE_BATCH: usize = 1 << 20;
 
 /// A blob being downloaded into staging. Dropping it without
 /// [`StagedBlob::commit`] leaves a staging file that [`StagedBlob::discard`]
@@ -123,8 +129,10 @@ impl Storage {
 pub struct StagedBlob {
     storage: Storage,
     path: PathBuf,
-    file: File,
-    hasher: Sha256,
+    /// The file and the running hash, moved into each blocking write.
+    sink: Option<Box<(std::fs::File, Sha256)>>,
+    pending: BytesMut,
+    received: u64,
     written: u64,
 }
 
@@ -133,25 +141,58 @@ impl StagedBlob {
         &self.path
     }
 
+    /// Bytes accepted so far, including those not yet on disk.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Bytes on disk, readable through other handles on the staging file.
     pub fn written(&self) -> u64 {
         self.written
     }
 
-    /// Appends a chunk; when this returns, the bytes are readable by other
-    /// handles on the staging file.
+    /// Accepts a chunk; it reaches the file with the next batch.
     pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.file.write_all(chunk).await?;
-        self.file.flush().await?;
-        self.hasher.update(chunk);
-        self.written += chunk.len() as u64;
+        self.pending.extend_from_slice(chunk);
+        self.received += chunk.len() as u64;
+        if self.pending.len() >= WRITE_BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes and hashes what is pending, off the async threads.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = self.pending.split().freeze();
+        let mut sink = self
+            .sink
+            .take()
+            .ok_or_else(|| io::Error::other("staging file lost after a failed write"))?;
+        let sink = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            sink.0.write_all(&batch)?;
+            sink.1.update(&batch);
+            Ok::<_, io::Error>(sink)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.written = self.received;
+        self.sink = Some(sink);
         Ok(())
     }
 
     /// Verifies the digest and commits the blob to content-addressed
     /// storage. On mismatch the staging file is removed.
     pub async fn commit(mut self, expected: &Digest) -> Result<(), CommitError> {
-        self.file.flush().await?;
-        let actual = Digest::from_sha256(self.hasher.finalize_reset().as_slice());
+        self.flush().await?;
+        let (_, hasher) = *self
+            .sink
+            .take()
+            .ok_or_else(|| io::Error::other("staging file lost"))?;
+        let actual = Digest::from_sha256(hasher.finalize().as_slice());
         if &actual != expected {
             self.discard().await;
             return Err(CommitError::DigestMismatch {
