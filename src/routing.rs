@@ -109,3 +109,72 @@ fn not_configured(registry: &str) -> ApiError {
         format!("registry {registry:?} is not configured in this cache"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UpstreamConfig;
+    use crate::storage::Storage;
+    use crate::upstream::Upstream;
+
+    fn cache(name: Option<&str>, url: &str) -> (Arc<Cache>, Vec<String>) {
+        let config = UpstreamConfig {
+            name: name.map(str::to_owned),
+            url: url.parse().unwrap(),
+            ..crate::config::builtin_defaults()
+        };
+        let storage = Storage::local(std::path::Path::new("/nonexistent"));
+        let cache = Cache::new(storage, Upstream::new(&config).unwrap(), config.tag_ttl);
+        (Arc::new(cache), config.aliases())
+    }
+
+    fn label(routed: Result<Routed<'_>, ApiError>) -> Result<(String, String), ErrorCode> {
+        routed
+            .map(|r| (r.cache.upstream_label().to_owned(), r.name.to_owned()))
+            .map_err(|e| e.code)
+    }
+
+    #[test]
+    fn routes_by_ns_then_path_prefix_then_default() {
+        let registries = Registries::new(
+            Some(cache(None, "https://registry-1.docker.io")),
+            vec![cache(Some("ghcr.io"), "https://ghcr.io")],
+        );
+        let ok = |upstream: &str, name: &str| Ok((upstream.to_owned(), name.to_owned()));
+        assert_eq!(
+            label(registries.route("org/app", Some("ghcr.io"))),
+            ok("ghcr.io", "org/app")
+        );
+        assert_eq!(
+            label(registries.route("library/alpine", Some("docker.io"))),
+            ok("proxy", "library/alpine")
+        );
+        assert_eq!(
+            label(registries.route("ghcr.io/org/app", None)),
+            ok("ghcr.io", "org/app")
+        );
+        assert_eq!(
+            label(registries.route("docker.io/library/alpine", None)),
+            ok("proxy", "library/alpine")
+        );
+        assert_eq!(
+            label(registries.route("library/alpine", None)),
+            ok("proxy", "library/alpine")
+        );
+        assert_eq!(
+            label(registries.route("x", Some("quay.io"))),
+            Err(ErrorCode::NameUnknown)
+        );
+        assert_eq!(
+            label(registries.route("quay.io/x/y", None)),
+            Err(ErrorCode::NameUnknown)
+        );
+    }
+
+    #[test]
+    fn single_upstream_mode_ignores_ns_like_distribution() {
+        let registries = Registries::new(Some(cache(None, "http://127.0.0.1:5000")), vec![]);
+        let routed = label(registries.route("my.org/app", Some("upstream.test")));
+        assert_eq!(routed, Ok(("proxy".to_owned(), "my.org/app".to_owned())));
+    }
+}

@@ -4,7 +4,6 @@
 use super::{Cache, storage_error, upstream_error};
 use crate::api::error::{ApiError, ErrorCode};
 use crate::reference::RepoName;
-use crate::upstream::UpstreamError;
 
 /// One page of a sorted list and whether more follow it.
 #[derive(Debug, PartialEq, Eq)]
@@ -43,7 +42,9 @@ impl Cache {
                 let more = n.is_some_and(|n| n > 0 && tags.len() >= n);
                 Ok(Page { items: tags, more })
             }
-            Err(err) if falls_back_to_cache(&err) => {
+            // A missing repository is an answer; anything else is upstream
+            // trouble, where the cached tags are the best answer there is.
+            Err(err) if !err.is_not_found() => {
                 let cached = self.storage.list_tags(name).await.map_err(storage_error)?;
                 if cached.is_empty() {
                     return Err(upstream_error(&err, ErrorCode::NameUnknown));
@@ -54,11 +55,6 @@ impl Cache {
             Err(err) => Err(upstream_error(&err, ErrorCode::NameUnknown)),
         }
     }
-}
-
-/// A missing repository is an answer; everything else is upstream trouble.
-fn falls_back_to_cache(err: &UpstreamError) -> bool {
-    !err.is_not_found()
 }
 
 fn page_query(n: Option<usize>, last: Option<&str>) -> String {

@@ -18,10 +18,10 @@ mod upstreams;
 
 pub use keys::parse_duration;
 use keys::{KeyReader, apply_env_overrides};
-pub use upstreams::{UpstreamConfig, validate_registry_name};
+pub use upstreams::{UpstreamConfig, builtin_defaults, validate_registry_name};
 use upstreams::{
-    apply_docker_credentials, builtin_defaults, docker_config_credentials, parse_upstream_url,
-    read_upstream, read_upstream_list,
+    apply_docker_credentials, docker_config_credentials, parse_upstream_url, read_upstream,
+    read_upstream_list,
 };
 
 /// Docker Hub's registry API host: what Kura mirrors with no configuration.
