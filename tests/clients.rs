@@ -105,16 +105,6 @@ fn ctr_pulls(kura: &Kura, seeded: &SeededImages) {
     }
 }
 
-async fn catalog(kura: &Kura) -> Vec<String> {
-    let body: serde_json::Value = reqwest::get(format!("{}/v2/_catalog", kura.url()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    serde_json::from_value(body["repositories"].clone()).unwrap()
-}
-
 /// Pulls every seeded image with every client through a fresh Kura.
 async fn all_clients_pull_through(upstream: &Upstream, large: Option<&PushedImage>) {
     let seeded = seed_all(upstream).await;
@@ -136,7 +126,7 @@ async fn all_clients_pull_through(upstream: &Upstream, large: Option<&PushedImag
     ];
     expected.extend(large.map(|l| l.repository.clone()));
     expected.sort();
-    assert_eq!(catalog(&kura).await, expected);
+    assert_eq!(kura.catalog().await, expected);
 
     if let Some((_, password)) = upstream.credentials() {
         assert!(

@@ -52,18 +52,6 @@ fn stored_blobs(kura: &Kura) -> Vec<String> {
     found
 }
 
-async fn catalog(kura: &Kura) -> Vec<String> {
-    let body: serde_json::Value = client()
-        .get(format!("{}/v2/_catalog", kura.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    serde_json::from_value(body["repositories"].clone()).unwrap()
-}
-
 /// An image with one incompressible `size`-byte layer, plus `shared` if given.
 async fn push_image(
     upstream: &Upstream,
@@ -126,7 +114,7 @@ async fn a_size_cap_evicts_least_recently_used_and_keeps_shared_blobs() {
     }
     wait_until(
         "eviction of the two least recently used images",
-        async || catalog(&kura).await == vec!["cap/newer".to_owned(), "cap/newest".to_owned()],
+        async || kura.catalog().await == vec!["cap/newer".to_owned(), "cap/newest".to_owned()],
     )
     .await;
 
@@ -173,7 +161,7 @@ async fn ttl_expiry_removes_unused_content_and_keeps_content_in_use() {
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     wait_until("expiry of the unused image", async || {
-        catalog(&kura).await == vec!["ttl/used".to_owned()]
+        kura.catalog().await == vec!["ttl/used".to_owned()]
     })
     .await;
     let blobs = stored_blobs(&kura);

@@ -137,20 +137,12 @@ async fn one_kura_serves_two_registries_by_ns_and_by_path() {
         "Kura dialled a registry named by a client"
     );
 
-    let catalog: serde_json::Value = http
-        .get(format!("{}/v2/_catalog", kura.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     assert_eq!(
-        catalog["repositories"],
-        serde_json::json!([
+        kura.catalog().await,
+        vec![
             format!("{REGISTRY_A}/{REPOSITORY}"),
             format!("{REGISTRY_B}/{REPOSITORY}")
-        ])
+        ]
     );
     let tags: serde_json::Value = http
         .get(format!(

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
-use super::{Config, UpstreamConfig};
+use super::{Config, S3Config, UpstreamConfig};
 
 const MASK: &str = "***";
 
@@ -29,10 +29,19 @@ impl Config {
         http.insert("draintimeout".into(), duration(self.http.drain_timeout));
         root.insert("http".into(), Value::Mapping(http));
         let filesystem = map([("rootdirectory", string(self.storage_root.display()))]);
-        root.insert(
-            "storage".into(),
-            Value::Mapping(map([("filesystem", Value::Mapping(filesystem))])),
-        );
+        let mut storage = map([("filesystem", Value::Mapping(filesystem))]);
+        if let Some(s3) = &self.s3 {
+            storage.insert("s3".into(), Value::Mapping(s3_map(s3)));
+        }
+        root.insert("storage".into(), Value::Mapping(storage));
+        let mut cache = map([
+            ("gcinterval", duration(self.cache.gc_interval)),
+            ("gcgrace", duration(self.cache.gc_grace)),
+        ]);
+        if let Some(max) = self.cache.max_size {
+            cache.insert("maxsize".into(), Value::from(max));
+        }
+        root.insert("cache".into(), Value::Mapping(cache));
         if let Some(upstream) = &self.default_upstream {
             let mut proxy = upstream_map(upstream);
             proxy.insert(
@@ -79,6 +88,25 @@ impl Config {
         }
         text
     }
+}
+
+fn s3_map(s3: &S3Config) -> Mapping {
+    let mut entry = map([
+        ("bucket", string(&s3.bucket)),
+        ("region", string(&s3.region)),
+        ("rootdirectory", string(&s3.root)),
+        ("forcepathstyle", Value::Bool(s3.path_style)),
+    ]);
+    if let Some(endpoint) = &s3.endpoint {
+        entry.insert("regionendpoint".into(), string(endpoint));
+    }
+    if let Some(key) = &s3.access_key {
+        entry.insert("accesskey".into(), string(key));
+    }
+    if s3.secret_key.is_some() {
+        entry.insert("secretkey".into(), string(MASK));
+    }
+    entry
 }
 
 fn upstream_map(upstream: &UpstreamConfig) -> Mapping {
@@ -148,11 +176,20 @@ mod tests {
             ),
             ("REGISTRY_PROXY_USERNAME".to_owned(), "me".to_owned()),
             ("REGISTRY_PROXY_PASSWORD".to_owned(), "hunter2".to_owned()),
+            ("REGISTRY_STORAGE_S3_BUCKET".to_owned(), "b".to_owned()),
+            (
+                "REGISTRY_STORAGE_S3_SECRETKEY".to_owned(),
+                "s3cr3t".to_owned(),
+            ),
         ];
         let text = Config::load(None, env, &Overrides::default())
             .unwrap()
             .describe();
-        assert!(!text.contains("hunter2"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cr3t"),
+            "{text}"
+        );
+        assert!(text.contains("bucket: b"), "{text}");
         assert!(
             text.contains("password: '***'") || text.contains("password: \"***\""),
             "{text}"

@@ -15,7 +15,9 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
-use opendal::Operator;
+use opendal::{HttpTransporter, OperationContext, Operator};
+use opendal_http_transport_reqwest::ReqwestTransport;
+use std::sync::Arc;
 use tokio::fs;
 use tokio::io::AsyncReadExt;
 
@@ -66,10 +68,6 @@ fn not_found_as_none<T>(result: io::Result<T>) -> io::Result<Option<T>> {
 impl Objects {
     /// A bucket as Distribution's `storage.s3` describes it.
     pub fn s3(config: &S3Config) -> io::Result<Self> {
-        // OpenDAL sends through a process-wide HTTP transport (reqwest with
-        // rustls); both use ring, the provider the rest of Kura uses.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        opendal_http_transport_reqwest::install_default();
         let mut builder = opendal::services::S3::default()
             .bucket(&config.bucket)
             .region(&config.region)
@@ -86,7 +84,11 @@ impl Objects {
                 .secret_access_key(secret.expose());
         }
         let op = Operator::new(builder).map_err(io::Error::from)?;
-        Ok(Objects::S3 { op })
+        let context =
+            OperationContext::new().with_http_transport(HttpTransporter::new(s3_transport()?));
+        Ok(Objects::S3 {
+            op: op.with_context(context),
+        })
     }
 
     pub fn is_local(&self) -> bool {
@@ -256,6 +258,26 @@ impl ObjectReader {
             }
         }
     }
+}
+
+/// OpenDAL's HTTP client for S3: reqwest over rustls with ring (the
+/// provider the rest of Kura uses) trusting the Mozilla roots compiled in,
+/// like the upstream client, so a `FROM scratch` image with no CA files on
+/// disk reaches HTTPS endpoints.
+fn s3_transport() -> io::Result<ReqwestTransport> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let client = reqwest_s3::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .map_err(io::Error::other)?;
+    Ok(ReqwestTransport::new(client))
 }
 
 async fn upload(op: &Operator, local: &Path, key: &str) -> io::Result<()> {

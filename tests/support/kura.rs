@@ -140,6 +140,23 @@ impl Kura {
         self.process.pid()
     }
 
+    /// `GET path` (e.g. `/v2/_catalog`) parsed as JSON; panics on failure.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let client = super::net::http_client(std::time::Duration::from_secs(30));
+        let response = client
+            .get(format!("{}{path}", self.url()))
+            .send()
+            .await
+            .expect("GET");
+        response.json().await.expect("JSON body")
+    }
+
+    /// The repositories `/v2/_catalog` lists.
+    pub async fn catalog(&self) -> Vec<String> {
+        let body = self.get_json("/v2/_catalog").await;
+        serde_json::from_value(body["repositories"].clone()).expect("repositories list")
+    }
+
     /// Everything Kura wrote to stdout and stderr, across restarts.
     pub fn log_text(&self) -> String {
         self.process.log_text()
