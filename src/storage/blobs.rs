@@ -5,7 +5,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tokio::fs::{self, File};
@@ -110,7 +110,8 @@ impl Storage {
         Ok(StagedBlob {
             storage: self.clone(),
             path,
-            sink: Some(Box::new((file, Sha256::new()))),
+            file: Some(file),
+            hasher: Some(HashWorker::start()),
             pending: BytesMut::new(),
             received: 0,
             written: 0,
@@ -123,14 +124,56 @@ impl Storage {
 /// often only a few KiB.
 const WRITE_BATCH: usize = 1 << 20;
 
+/// Batches waiting to be hashed at most; a slow hash slows the download
+/// rather than filling memory.
+const HASH_QUEUE: usize = 8;
+
+/// A blocking thread that hashes the batches it is fed, in order.
+struct HashWorker {
+    batches: tokio::sync::mpsc::Sender<Bytes>,
+    digest: tokio::sync::oneshot::Receiver<Digest>,
+}
+
+impl HashWorker {
+    fn start() -> Self {
+        let (batches, mut queue) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
+        let (answer, digest) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let mut hasher = Sha256::new();
+            while let Some(batch) = queue.blocking_recv() {
+                hasher.update(&batch);
+            }
+            let _ = answer.send(Digest::from_sha256(hasher.finalize().as_slice()));
+        });
+        Self { batches, digest }
+    }
+
+    async fn feed(&self, batch: Bytes) -> io::Result<()> {
+        self.batches
+            .send(batch)
+            .await
+            .map_err(|_| io::Error::other("hash worker stopped"))
+    }
+
+    async fn finish(self) -> io::Result<Digest> {
+        drop(self.batches);
+        self.digest
+            .await
+            .map_err(|_| io::Error::other("hash worker stopped"))
+    }
+}
+
 /// A blob being downloaded into staging. Dropping it without
 /// [`StagedBlob::commit`] leaves a staging file that [`StagedBlob::discard`]
 /// or the next startup removes; it can never be served as a committed blob.
 pub struct StagedBlob {
     storage: Storage,
     path: PathBuf,
-    /// The file and the running hash, moved into each blocking write.
-    sink: Option<Box<(std::fs::File, Sha256)>>,
+    /// The staging file, moved into each blocking write.
+    file: Option<std::fs::File>,
+    /// Hashing runs beside the writes, on its own blocking thread, so
+    /// followers never wait for it; it answers the digest at the end.
+    hasher: Option<HashWorker>,
     pending: BytesMut,
     received: u64,
     written: u64,
@@ -167,32 +210,36 @@ impl StagedBlob {
             return Ok(());
         }
         let batch = self.pending.split().freeze();
-        let mut sink = self
-            .sink
+        let mut file = self
+            .file
             .take()
             .ok_or_else(|| io::Error::other("staging file lost after a failed write"))?;
-        let sink = tokio::task::spawn_blocking(move || {
+        let written = batch.clone();
+        let file = tokio::task::spawn_blocking(move || {
             use std::io::Write;
-            sink.0.write_all(&batch)?;
-            sink.1.update(&batch);
-            Ok::<_, io::Error>(sink)
+            file.write_all(&written)?;
+            Ok::<_, io::Error>(file)
         })
         .await
         .map_err(io::Error::other)??;
+        self.file = Some(file);
         self.written = self.received;
-        self.sink = Some(sink);
-        Ok(())
+        self.hasher
+            .as_ref()
+            .ok_or_else(|| io::Error::other("hash already taken"))?
+            .feed(batch)
+            .await
     }
 
     /// Verifies the digest and commits the blob to content-addressed
     /// storage. On mismatch the staging file is removed.
     pub async fn commit(mut self, expected: &Digest) -> Result<(), CommitError> {
         self.flush().await?;
-        let (_, hasher) = *self
-            .sink
+        let hasher = self
+            .hasher
             .take()
-            .ok_or_else(|| io::Error::other("staging file lost"))?;
-        let actual = Digest::from_sha256(hasher.finalize().as_slice());
+            .ok_or_else(|| io::Error::other("hash already taken"))?;
+        let actual = hasher.finish().await?;
         if &actual != expected {
             self.discard().await;
             return Err(CommitError::DigestMismatch {
