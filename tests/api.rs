@@ -537,3 +537,47 @@ async fn bad_input_gets_oci_errors_and_touches_nothing() {
     assert_eq!(catalog["repositories"], serde_json::json!([]));
     assert_eq!(get(&kura, "/v2/").await.status(), StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_for_one_cold_tag_share_one_upstream_request() {
+    let upstream = Upstream::anonymous().await;
+    let seeded = seed_all(&upstream).await;
+    let kura = Kura::start(KuraOptions::for_upstream(&upstream)).await;
+    let image = &seeded.multilayer;
+    let path = format!("/v2/{}/manifests/latest", image.repository);
+
+    let requests = (0..16).map(|_| {
+        let url = format!("{}{path}", kura.url());
+        tokio::spawn(async move {
+            client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+        })
+    });
+    for body in futures_util::future::join_all(requests).await {
+        assert_eq!(sha256_digest(&body.unwrap()), image.digest);
+    }
+    let upstream_calls =
+        upstream.count_requests("GET", &path) + upstream.count_requests("HEAD", &path);
+    assert!(
+        upstream_calls <= 2,
+        "16 cold requests made {upstream_calls} upstream manifest requests"
+    );
+    let metrics = client()
+        .get(format!("{}/metrics", kura.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("kura_coalesced_waiters_total"),
+        "{metrics}"
+    );
+}

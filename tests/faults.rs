@@ -29,6 +29,9 @@ enum Reply {
         body: Vec<u8>,
         send_only: Option<usize>,
     },
+    /// A Basic challenge (401) unless the request carries `Authorization`,
+    /// then the inner reply.
+    Challenge(Box<Reply>),
 }
 
 impl Reply {
@@ -46,6 +49,7 @@ impl Reply {
 struct Stub {
     addr: SocketAddr,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    heads: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -54,20 +58,36 @@ impl Stub {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(Mutex::new(HashMap::new()));
+        let heads = Arc::new(Mutex::new(Vec::new()));
         let routes = Arc::new(routes);
         let task = tokio::spawn({
-            let hits = hits.clone();
+            let (hits, heads) = (hits.clone(), heads.clone());
             async move {
                 while let Ok((socket, _)) = listener.accept().await {
-                    tokio::spawn(serve_connection(socket, routes.clone(), hits.clone()));
+                    tokio::spawn(serve_connection(
+                        socket,
+                        routes.clone(),
+                        hits.clone(),
+                        heads.clone(),
+                    ));
                 }
             }
         });
-        Self { addr, hits, task }
+        Self {
+            addr,
+            hits,
+            heads,
+            task,
+        }
     }
 
     fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The request heads (request line and headers) received so far.
+    fn request_heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
     }
 
     fn hits(&self, path: &str) -> usize {
@@ -87,6 +107,7 @@ async fn serve_connection(
     mut socket: tokio::net::TcpStream,
     routes: Arc<HashMap<String, Reply>>,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    heads: Arc<Mutex<Vec<String>>>,
 ) {
     let mut request = Vec::new();
     let mut buf = [0u8; 4096];
@@ -101,7 +122,9 @@ async fn serve_connection(
     let method = parts.next().unwrap_or("").to_owned();
     let path = parts.next().unwrap_or("").to_owned();
     *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
-    let reply = if path == "/v2/" {
+    heads.lock().unwrap().push(text.to_string());
+    let authorized = text.to_ascii_lowercase().contains("\r\nauthorization:");
+    let mut reply = if path == "/v2/" {
         Reply::ok(b"{}")
     } else {
         routes.get(&path).cloned().unwrap_or(Reply::Raw {
@@ -111,12 +134,26 @@ async fn serve_connection(
             send_only: None,
         })
     };
-    let Reply::Raw {
-        status,
-        headers,
-        body,
-        send_only,
-    } = reply;
+    let (status, headers, body, send_only) = loop {
+        match reply {
+            Reply::Challenge(inner) if authorized => reply = *inner,
+            Reply::Challenge(_) => {
+                let challenge = ("WWW-Authenticate".into(), "Basic realm=\"stub\"".into());
+                break (
+                    401,
+                    vec![challenge, ("Content-Length".into(), "0".into())],
+                    vec![],
+                    None,
+                );
+            }
+            Reply::Raw {
+                status,
+                headers,
+                body,
+                send_only,
+            } => break (status, headers, body, send_only),
+        }
+    };
     let mut head = format!("HTTP/1.1 {status} X\r\nConnection: close\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -240,6 +277,47 @@ async fn wrong_truncated_or_overlong_upstream_blobs_are_never_committed_or_serve
             "{label}: staging not cleaned"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_are_not_forwarded_on_a_redirect_to_another_host() {
+    let body = b"layer bytes served by a CDN".to_vec();
+    let digest = sha256_digest(&body);
+    let cdn = Stub::start(HashMap::from([("/cdn/blob".to_owned(), Reply::ok(&body))])).await;
+    let blob_path = format!("/v2/stub/app/blobs/{digest}");
+    let redirect = Reply::Raw {
+        status: 307,
+        headers: vec![
+            ("Location".into(), format!("{}/cdn/blob", cdn.url())),
+            ("Content-Length".into(), "0".into()),
+        ],
+        body: vec![],
+        send_only: None,
+    };
+    let registry = Stub::start(HashMap::from([(
+        blob_path.clone(),
+        Reply::Challenge(Box::new(redirect)),
+    )]))
+    .await;
+    let mut options = KuraOptions::new(&registry.url());
+    options.username = Some("puller".into());
+    options.password = Some("redirect-secret".into());
+    let kura = Kura::start(options).await;
+
+    let served = fetch(&format!("{}{blob_path}", kura.url())).await.unwrap();
+    assert_eq!(sha256_digest(&served), digest);
+    let registry_heads = registry.request_heads().join("\n").to_ascii_lowercase();
+    assert!(
+        registry_heads.contains("authorization: basic"),
+        "the registry never got credentials"
+    );
+    let cdn_heads = cdn.request_heads();
+    assert_eq!(cdn_heads.len(), 1);
+    assert!(
+        !cdn_heads[0].to_ascii_lowercase().contains("authorization"),
+        "credentials followed the redirect: {}",
+        cdn_heads[0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
