@@ -18,8 +18,6 @@ use futures_util::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::fs::File;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{Mutex, watch};
 
 use super::{Cache, storage_error, upstream_error};
@@ -81,7 +79,7 @@ enum Source {
     Stored(ObjectReader),
     /// A download's staging file, readable as far as its progress says.
     Live {
-        file: File,
+        file: std::fs::File,
         progress: watch::Receiver<Progress>,
     },
     /// Passed through from upstream, verified on the fly.
@@ -320,7 +318,7 @@ impl Cache {
             Progress::Streaming { total, .. } => total,
             Progress::Connecting => unreachable!("waited for a later state"),
         };
-        match File::open(&download.staging_path).await {
+        match std::fs::File::open(&download.staging_path) {
             Ok(file) => Ok(BlobBody {
                 size,
                 cache_hit: false,
@@ -425,10 +423,7 @@ impl BlobBody {
                 let end = end.ok_or_else(|| io::Error::other("stored blob without a size"))?;
                 reader.into_stream(start, end).await
             }
-            Source::Live { mut file, progress } => {
-                if start > 0 {
-                    file.seek(io::SeekFrom::Start(start)).await?;
-                }
+            Source::Live { file, progress } => {
                 let reader = Follower {
                     file,
                     pos: start,
@@ -519,7 +514,7 @@ fn byte_window(
 
 /// Reads a live download's staging file, waiting for progress as needed.
 struct Follower {
-    file: File,
+    file: std::fs::File,
     pos: u64,
     end: Option<u64>,
     progress: watch::Receiver<Progress>,
@@ -537,7 +532,7 @@ impl Follower {
             };
             let limit = self.end.map_or(readable, |end| readable.min(end));
             if self.pos < limit {
-                return Some(self.read(limit - self.pos).await);
+                return Some(self.read(limit - self.pos));
             }
             // A finished download of unknown size, fully read.
             if self.is_complete() {
@@ -565,10 +560,14 @@ impl Follower {
         matches!(*self.progress.borrow(), Progress::Complete { .. })
     }
 
-    async fn read(&mut self, available: u64) -> io::Result<Bytes> {
+    /// Reads bytes the download wrote moments ago. They are in the page
+    /// cache, so the read happens right here: a trip through the blocking
+    /// pool per chunk cost more (thread wake-ups) than the copy itself.
+    fn read(&mut self, available: u64) -> io::Result<Bytes> {
+        use std::os::unix::fs::FileExt;
         let len = available.min(READ_CHUNK as u64) as usize;
         let mut buf = BytesMut::zeroed(len);
-        let n = self.file.read(&mut buf).await?;
+        let n = self.file.read_at(&mut buf, self.pos)?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
