@@ -150,7 +150,9 @@ impl Cache {
         };
         match self.cached_manifest(name, &link.digest).await? {
             Some(manifest) => {
-                tracing::warn!(%name, %tag, error = %err, "upstream failed; serving cached tag");
+                // The client-facing message ("... not cached") does not fit
+                // here; the code says what the upstream did.
+                tracing::warn!(%name, %tag, upstream = err.code.as_str(), "upstream failed; serving cached tag");
                 Ok(Manifest {
                     stale: true,
                     ..manifest
