@@ -131,3 +131,61 @@ async fn two_replicas_cold_pulling_at_once_both_succeed_and_store_one_copy() {
     pull_blobs(&a, image).await;
     pull_blobs(&b, image).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_toolbox_works_on_the_bucket() {
+    use std::process::Command;
+    use support::process::run_tool;
+
+    let s3 = S3Server::start().await;
+    let upstream = Upstream::anonymous().await;
+    let seeded = seed_all(&upstream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kura.yml");
+    std::fs::write(&config, s3.storage_yaml(&dir.path().join("local"))).unwrap();
+    let kura = |args: &[&str], env: &[(&str, &str)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kura"));
+        command
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .arg("--upstream")
+            .arg(upstream.url())
+            .envs(env.iter().copied());
+        let output = run_tool(command, Duration::from_secs(120));
+        assert!(
+            output.success(),
+            "kura {args:?}: {}\n{}",
+            output.stdout,
+            output.stderr
+        );
+        output.stdout
+    };
+    let image = &seeded.multilayer;
+
+    kura(&["warm", &image.reference()], &[]);
+    let stored: BTreeSet<String> = s3
+        .keys("kura/blobs/sha256/")
+        .await
+        .iter()
+        .map(|key| format!("sha256:{}", key.rsplit('/').next().unwrap()))
+        .collect();
+    assert_eq!(stored, image.all_digests());
+    assert!(kura(&["ls"], &[]).contains(&image.repository));
+    assert!(kura(&["du"], &[]).contains(&format!("{} blobs", stored.len())));
+    assert!(kura(&["verify"], &[]).contains(": 0 corrupt"));
+
+    std::thread::sleep(Duration::from_millis(1500));
+    let expire = [
+        ("REGISTRY_PROXY_TTL", "1s"),
+        ("REGISTRY_CACHE_GCGRACE", "0"),
+    ];
+    assert!(kura(&["gc", "--dry-run"], &expire).contains("would free"));
+    assert_eq!(s3.keys("kura/blobs/sha256/").await.len(), stored.len());
+    kura(&["gc"], &expire);
+    assert!(
+        s3.keys("kura/blobs/sha256/").await.is_empty(),
+        "gc left blobs in the bucket"
+    );
+    assert!(!kura(&["ls"], &[]).contains(&image.repository));
+}
