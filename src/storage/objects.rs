@@ -23,8 +23,9 @@ use tokio::io::AsyncReadExt;
 
 use crate::config::S3Config;
 
-/// Part size for multipart uploads: memory per upload stays at a few parts.
-const UPLOAD_PART: usize = 16 << 20;
+/// Part size for multipart uploads (S3's minimum is 5 MiB): memory per
+/// upload stays at about two parts.
+const UPLOAD_PART: usize = 8 << 20;
 
 #[derive(Clone)]
 pub enum Objects {
@@ -198,7 +199,7 @@ impl Objects {
                 };
                 let reader = op
                     .reader_with(key)
-                    .chunk(4 << 20)
+                    .chunk(2 << 20)
                     .await
                     .map_err(io::Error::from)?;
                 Ok(Some((ObjectReader::Remote(reader), meta.size)))
@@ -287,13 +288,17 @@ async fn upload(op: &Operator, local: &Path, key: &str) -> io::Result<()> {
         .chunk(UPLOAD_PART)
         .await
         .map_err(io::Error::from)?;
-    let mut buf = vec![0u8; UPLOAD_PART];
     loop {
-        let n = file.read(&mut buf).await?;
+        // A fresh part each time, handed over without a copy.
+        let mut part = Vec::with_capacity(UPLOAD_PART);
+        let n = (&mut file)
+            .take(UPLOAD_PART as u64)
+            .read_to_end(&mut part)
+            .await?;
         if n == 0 {
             break;
         }
-        if let Err(e) = writer.write(Bytes::copy_from_slice(&buf[..n])).await {
+        if let Err(e) = writer.write(Bytes::from(part)).await {
             let _ = writer.abort().await;
             return Err(e.into());
         }
