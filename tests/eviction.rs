@@ -14,31 +14,6 @@ fn client() -> reqwest::Client {
     support::net::http_client(Duration::from_secs(120))
 }
 
-/// Pulls an image through Kura the way a client does; `true` if every
-/// part was served.
-async fn pull(kura: &Kura, image: &PushedImage) -> bool {
-    let tag = image.tag.as_deref().unwrap_or("latest");
-    let manifest = format!("{}/v2/{}/manifests/{tag}", kura.url(), image.repository);
-    if client().get(&manifest).send().await.unwrap().status() != StatusCode::OK {
-        return false;
-    }
-    for blob in std::iter::once(&image.config).chain(&image.layers) {
-        let url = format!(
-            "{}/v2/{}/blobs/{}",
-            kura.url(),
-            image.repository,
-            blob.digest
-        );
-        let response = client().get(&url).send().await.unwrap();
-        if response.status() != StatusCode::OK
-            || response.bytes().await.unwrap().len() as u64 != blob.size
-        {
-            return false;
-        }
-    }
-    true
-}
-
 fn stored_blobs(kura: &Kura) -> Vec<String> {
     let mut found = Vec::new();
     for prefix in std::fs::read_dir(kura.cache_dir().join("blobs/sha256"))
@@ -109,7 +84,7 @@ async fn a_size_cap_evicts_least_recently_used_and_keeps_shared_blobs() {
     ))
     .await;
     for image in [&oldest, &older, &newer, &newest] {
-        assert!(pull(&kura, image).await);
+        assert!(kura.pull(image).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     wait_until(
@@ -120,10 +95,10 @@ async fn a_size_cap_evicts_least_recently_used_and_keeps_shared_blobs() {
 
     // The kept images are served from cache alone, shared layer included.
     upstream.stop();
-    assert!(pull(&kura, &newest).await, "newest image not fully cached");
-    assert!(pull(&kura, &newer).await, "newer image not fully cached");
+    assert!(kura.pull(&newest).await, "newest image not fully cached");
+    assert!(kura.pull(&newer).await, "newer image not fully cached");
     assert!(
-        !pull(&kura, &oldest).await,
+        !kura.pull(&oldest).await,
         "oldest image should have been evicted"
     );
     let blobs = stored_blobs(&kura);
@@ -153,11 +128,11 @@ async fn ttl_expiry_removes_unused_content_and_keeps_content_in_use() {
         ],
     ))
     .await;
-    assert!(pull(&kura, &unused).await);
-    assert!(pull(&kura, &used).await);
+    assert!(kura.pull(&unused).await);
+    assert!(kura.pull(&used).await);
     // Keep using one image for longer than the TTL.
     for _ in 0..8 {
-        assert!(pull(&kura, &used).await);
+        assert!(kura.pull(&used).await);
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     wait_until("expiry of the unused image", async || {

@@ -210,36 +210,6 @@ async fn scrape(kura: &Kura) -> String {
         .unwrap()
 }
 
-async fn pull_image(kura: &Kura, image: &support::PushedImage) {
-    let client = support::net::http_client(Duration::from_secs(60));
-    let manifest = client
-        .get(format!(
-            "{}/v2/{}/manifests/latest",
-            kura.url(),
-            image.repository
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(manifest.status(), StatusCode::OK);
-    for blob in std::iter::once(&image.config).chain(&image.layers) {
-        let body = client
-            .get(format!(
-                "{}/v2/{}/blobs/{}",
-                kura.url(),
-                image.repository,
-                blob.digest
-            ))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        assert_eq!(sha256_digest(&body), blob.digest);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_move_from_misses_to_hits_and_health_answers() {
     let upstream = Upstream::anonymous().await;
@@ -254,7 +224,7 @@ async fn metrics_move_from_misses_to_hits_and_health_answers() {
         before.contains("# TYPE kura_http_requests counter"),
         "{before}"
     );
-    pull_image(&kura, image).await;
+    assert!(kura.pull(image).await);
     let cold = scrape(&kura).await;
     let blob_misses = r#"kind="blob""#;
     assert_eq!(
@@ -291,7 +261,7 @@ async fn metrics_move_from_misses_to_hits_and_health_answers() {
     );
     assert!(sample(&cold, "kura_upstream_requests_total", &[r#"status="200""#]) >= blobs);
 
-    pull_image(&kura, image).await;
+    assert!(kura.pull(image).await);
     let warm = scrape(&kura).await;
     assert_eq!(
         sample(
@@ -348,7 +318,7 @@ async fn logs_of_authenticated_pulls_hold_no_password_or_token() {
         let mut options = KuraOptions::for_upstream(&upstream);
         options.extra_env.push(("RUST_LOG".into(), "debug".into()));
         let kura = Kura::start(options).await;
-        pull_image(&kura, &seeded.multilayer).await;
+        assert!(kura.pull(&seeded.multilayer).await);
         let log = kura.log_text();
         let (_, password) = upstream.credentials().unwrap();
         assert!(log.contains("kura::access"), "the access log is on");

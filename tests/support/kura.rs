@@ -151,6 +151,42 @@ impl Kura {
         response.json().await.expect("JSON body")
     }
 
+    /// Pulls `image` the way a client does (manifest by tag, then config and
+    /// layers), checking every digest. `true` if everything was served and
+    /// correct.
+    pub async fn pull(&self, image: &super::PushedImage) -> bool {
+        use super::images::sha256_digest;
+        let client = super::net::http_client(std::time::Duration::from_secs(120));
+        let tag = image.tag.as_deref().unwrap_or("latest");
+        let manifest = format!("{}/v2/{}/manifests/{tag}", self.url(), image.repository);
+        let served = |response: &reqwest::Response| response.status() == reqwest::StatusCode::OK;
+        let Ok(response) = client.get(&manifest).send().await else {
+            return false;
+        };
+        if !served(&response) {
+            return false;
+        }
+        for blob in std::iter::once(&image.config).chain(&image.layers) {
+            let url = format!(
+                "{}/v2/{}/blobs/{}",
+                self.url(),
+                image.repository,
+                blob.digest
+            );
+            let Ok(response) = client.get(&url).send().await else {
+                return false;
+            };
+            if !served(&response) {
+                return false;
+            }
+            match response.bytes().await {
+                Ok(body) if sha256_digest(&body) == blob.digest => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
     /// The repositories `/v2/_catalog` lists.
     pub async fn catalog(&self) -> Vec<String> {
         let body = self.get_json("/v2/_catalog").await;
