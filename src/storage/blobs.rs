@@ -196,6 +196,10 @@ impl StagedBlob {
 
     /// Accepts a chunk; it reaches the file with the next batch.
     pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
+        if self.pending.is_empty() {
+            // One allocation per batch, not a doubling series of copies.
+            self.pending.reserve(WRITE_BATCH + chunk.len());
+        }
         self.pending.extend_from_slice(chunk);
         self.received += chunk.len() as u64;
         if self.pending.len() >= WRITE_BATCH {
