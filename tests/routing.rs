@@ -144,17 +144,9 @@ async fn one_kura_serves_two_registries_by_ns_and_by_path() {
             format!("{REGISTRY_B}/{REPOSITORY}")
         ]
     );
-    let tags: serde_json::Value = http
-        .get(format!(
-            "{}/v2/{REGISTRY_B}/{REPOSITORY}/tags/list",
-            kura.url()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tags = kura
+        .get_json(&format!("/v2/{REGISTRY_B}/{REPOSITORY}/tags/list"))
+        .await;
     assert_eq!(
         tags,
         serde_json::json!({"name": format!("{REGISTRY_B}/{REPOSITORY}"), "tags": ["latest"]})

@@ -63,15 +63,9 @@ async fn what_one_replica_cached_another_serves_with_the_upstream_gone() {
     assert_eq!(index_via_a, index_via_b);
     assert_eq!(index_via_b.digests, index.all_digests());
 
-    let catalog: serde_json::Value = reqwest::get(format!("{}/v2/_catalog", b.url()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     assert_eq!(
-        catalog["repositories"],
-        serde_json::json!([image.repository, index.repository])
+        b.catalog().await,
+        vec![image.repository.clone(), index.repository.clone()]
     );
     let local_blobs = _b_dir.path().join("local/blobs");
     assert!(!local_blobs.exists(), "an S3 replica stored blobs locally");

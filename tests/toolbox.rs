@@ -44,6 +44,20 @@ async fn seeded() -> (Upstream, SeededImages, tempfile::TempDir) {
     (upstream, seeded, tempfile::tempdir().unwrap())
 }
 
+/// A cache that `kura warm` filled with the multi-layer image.
+async fn warmed() -> (
+    Upstream,
+    SeededImages,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
+    let (upstream, seeded, dir) = seeded().await;
+    let cache = dir.path().join("cache");
+    let image = seeded.multilayer.reference();
+    ok(kura(&cache, &upstream, &["warm", &image], &[]), "warm");
+    (upstream, seeded, dir, cache)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn warm_fetches_every_platform_or_just_one() {
     let (upstream, seeded, dir) = seeded().await;
@@ -86,13 +100,8 @@ async fn warm_fetches_every_platform_or_just_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ls_du_gc_describe_and_collect_the_cache() {
-    let (upstream, seeded, dir) = seeded().await;
-    let cache = dir.path().join("cache");
+    let (upstream, seeded, _dir, cache) = warmed().await;
     let image = &seeded.multilayer;
-    ok(
-        kura(&cache, &upstream, &["warm", &image.reference()], &[]),
-        "warm",
-    );
 
     let listing = ok(kura(&cache, &upstream, &["ls"], &[]), "ls");
     let line = listing
@@ -140,13 +149,8 @@ async fn ls_du_gc_describe_and_collect_the_cache() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_finds_and_removes_a_corrupted_blob() {
-    let (upstream, seeded, dir) = seeded().await;
-    let cache = dir.path().join("cache");
+    let (upstream, seeded, _dir, cache) = warmed().await;
     let image = &seeded.multilayer;
-    ok(
-        kura(&cache, &upstream, &["warm", &image.reference()], &[]),
-        "warm",
-    );
     let clean = ok(kura(&cache, &upstream, &["verify"], &[]), "verify");
     assert!(clean.contains(": 0 corrupt"), "{clean}");
 

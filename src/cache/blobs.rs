@@ -128,7 +128,17 @@ impl Cache {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<BlobBody, ApiError> {
+        let body = self.open_blob_uncounted(name, digest).await?;
+        // Only blobs that exist count as used (a 404 must not grow the map).
         self.storage.record_access(digest);
+        Ok(body)
+    }
+
+    async fn open_blob_uncounted(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<BlobBody, ApiError> {
         if let Some(body) = self.open_committed(digest).await? {
             return Ok(body);
         }
