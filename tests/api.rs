@@ -243,6 +243,29 @@ async fn range_requests_get_206_and_416() {
     );
 }
 
+/// Zero-length blobs exist (some artifacts have empty layers or configs);
+/// nothing in the download path may assume at least one byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_blob_is_cached_and_served() {
+    let upstream = Upstream::anonymous().await;
+    let digest = upstream
+        .client()
+        .push_blob("empty/blob", bytes::Bytes::new())
+        .await;
+    let kura = Kura::start(KuraOptions::for_upstream(&upstream)).await;
+    let path = format!("/v2/empty/blob/blobs/{digest}");
+    for warmth in ["cold", "cached"] {
+        let response = get(&kura, &path).await;
+        assert_eq!(response.status(), StatusCode::OK, "{warmth}");
+        assert_eq!(header(&response, "docker-content-digest"), digest);
+        assert_eq!(header(&response, "content-length"), "0");
+        assert!(response.bytes().await.unwrap().is_empty(), "{warmth}");
+    }
+    let response = head(&kura, &path).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(header(&response, "content-length"), "0");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn large_blob_is_fetched_from_upstream_once_even_by_concurrent_clients() {
     let upstream = Upstream::anonymous().await;

@@ -32,13 +32,19 @@ use crate::upstream::{SlottedResponse, UpstreamError};
 /// Read size when serving; large enough to keep syscalls cheap.
 const READ_CHUNK: usize = 256 * 1024;
 
+/// Written batches a download keeps in memory for its followers (about
+/// 1 MiB each): a client keeping up with the upstream is served from
+/// here, without reading the staging file back.
+const RECENT_BATCHES: usize = 4;
+
 /// How far a shared download has got.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Progress {
     Connecting,
     Streaming {
         total: Option<u64>,
         readable: u64,
+        recent: RecentBatches,
     },
     Complete {
         total: u64,
@@ -230,10 +236,7 @@ impl Cache {
                             format!("upstream blob rejected: {e}"),
                         )
                     }
-                    CommitError::Io(e) => {
-                        count_failure("storage");
-                        storage_error(e)
-                    }
+                    CommitError::Io(e) => storage_failed(e),
                 })?;
                 tracing::info!(%name, %digest, bytes = total, "blob cached");
                 Ok(Progress::Complete { total })
@@ -263,12 +266,16 @@ impl Cache {
             .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
         let total = response.content_length();
         if let Some(total) = total
-            && !self.storage.has_room_for(total)
+            && !self.room_for(staged, total).await?
         {
             warn_disk_full(total);
             return Ok(Staged::NoRoom);
         }
-        progress.send_replace(Progress::Streaming { total, readable: 0 });
+        progress.send_replace(Progress::Streaming {
+            total,
+            readable: 0,
+            recent: RecentBatches::default(),
+        });
         let fetched = metrics()
             .upstream_bytes_fetched
             .get_or_create_owned(&UpstreamLabels {
@@ -287,17 +294,8 @@ impl Cache {
                     "upstream sent more than its Content-Length".into(),
                 ));
             }
-            let before = staged.written();
-            staged.write(&chunk).await.map_err(|e| {
-                count_failure("storage");
-                storage_error(e)
-            })?;
-            if staged.written() != before {
-                progress.send_replace(Progress::Streaming {
-                    total,
-                    readable: readable_before_verification(staged.written(), total),
-                });
-            }
+            let batch = staged.write(&chunk).await.map_err(storage_failed)?;
+            publish(progress, staged, batch);
         }
         if total.is_some_and(|total| staged.received() != total) {
             count_failure("truncated");
@@ -305,7 +303,16 @@ impl Cache {
                 "upstream body shorter than its Content-Length".into(),
             ));
         }
+        let batch = staged.flush().await.map_err(storage_failed)?;
+        publish(progress, staged, batch);
         Ok(Staged::Written)
+    }
+
+    /// Whether a blob of this size fits, keeping the storage's margin; the
+    /// space is then claimed for it.
+    async fn room_for(&self, staged: &mut StagedBlob, size: u64) -> Result<bool, ApiError> {
+        Ok(self.storage.has_room_for(size)
+            && staged.preallocate(size).await.map_err(storage_failed)?)
     }
 
     /// Attaches to a download once the upstream has answered.
@@ -366,6 +373,53 @@ impl Cache {
             cache_hit: false,
             ..body
         })
+    }
+}
+
+/// Makes a batch just written readable to followers (all but the last
+/// byte of a known-length blob, which waits for verification).
+fn publish(progress: &watch::Sender<Progress>, staged: &StagedBlob, batch: Option<Bytes>) {
+    let Some(batch) = batch else { return };
+    progress.send_modify(|state| {
+        if let Progress::Streaming {
+            total,
+            readable,
+            recent,
+        } = state
+        {
+            *readable = readable_before_verification(staged.written(), *total);
+            recent.push(staged.written() - batch.len() as u64, batch);
+        }
+    });
+}
+
+fn storage_failed(err: io::Error) -> ApiError {
+    count_failure("storage");
+    storage_error(err)
+}
+
+/// The newest written batches of a download, by offset, oldest first.
+#[derive(Clone, Default)]
+struct RecentBatches(std::collections::VecDeque<(u64, Bytes)>);
+
+impl RecentBatches {
+    fn push(&mut self, start: u64, batch: Bytes) {
+        if self.0.len() == RECENT_BATCHES {
+            self.0.pop_front();
+        }
+        self.0.push_back((start, batch));
+    }
+
+    /// The bytes from `pos` up to `limit` (exclusive) that are still held,
+    /// as a view into the batch that holds `pos`.
+    fn slice(&self, pos: u64, limit: u64) -> Option<Bytes> {
+        let (start, batch) = self
+            .0
+            .iter()
+            .find(|(start, batch)| (*start..*start + batch.len() as u64).contains(&pos))?;
+        let from = (pos - start) as usize;
+        let to = limit.saturating_sub(*start).min(batch.len() as u64) as usize;
+        (from < to).then(|| batch.slice(from..to))
     }
 }
 
@@ -536,11 +590,14 @@ impl Follower {
             if self.end.is_some_and(|end| self.pos >= end) {
                 return None;
             }
-            let readable = match self.readable_until() {
-                Ok(readable) => readable,
+            let (limit, held) = match self.readable_now() {
+                Ok(found) => found,
                 Err(err) => return Some(Err(err)),
             };
-            let limit = self.end.map_or(readable, |end| readable.min(end));
+            if let Some(bytes) = held {
+                self.pos += bytes.len() as u64;
+                return Some(Ok(bytes));
+            }
             if self.pos < limit {
                 return Some(self.read(limit - self.pos));
             }
@@ -554,12 +611,19 @@ impl Follower {
         }
     }
 
-    /// How far the staging file may be read now.
-    fn readable_until(&self) -> io::Result<u64> {
+    /// How far the staging file may be read now (capped at the requested
+    /// end), and the next bytes if the download still holds them in memory.
+    fn readable_now(&self) -> io::Result<(u64, Option<Bytes>)> {
+        let limit = |readable: u64| self.end.map_or(readable, |end| readable.min(end));
         match &*self.progress.borrow() {
-            Progress::Connecting => Ok(0),
-            Progress::Streaming { readable, .. } => Ok(*readable),
-            Progress::Complete { total } => Ok(*total),
+            Progress::Connecting => Ok((0, None)),
+            Progress::Streaming {
+                readable, recent, ..
+            } => {
+                let limit = limit(*readable);
+                Ok((limit, recent.slice(self.pos, limit)))
+            }
+            Progress::Complete { total } => Ok((limit(*total), None)),
             // Followers exist only once bytes were staged, which rules this out.
             Progress::PassThrough => Err(io::Error::other("download switched to pass-through")),
             Progress::Failed(err) => Err(io::Error::other(err.to_string())),
@@ -632,6 +696,24 @@ mod tests {
         }
         assert!(failed);
         assert_eq!(received, b"hello ", "the final chunk is never released");
+    }
+
+    #[test]
+    fn recent_batches_serve_views_of_the_newest_batches() {
+        let mut recent = RecentBatches::default();
+        for i in 0..(RECENT_BATCHES as u64 + 1) {
+            recent.push(i * 4, Bytes::from(vec![i as u8; 4]));
+        }
+        assert_eq!(recent.slice(0, 100), None, "the oldest batch was let go");
+        assert_eq!(recent.slice(5, 100).unwrap(), vec![1u8; 3]);
+        assert_eq!(
+            recent.slice(9, 11).unwrap(),
+            vec![2u8; 2],
+            "capped at the limit"
+        );
+        assert_eq!(recent.slice(9, 9), None, "nothing readable yet");
+        let past_the_end = 4 * (RECENT_BATCHES as u64 + 1);
+        assert_eq!(recent.slice(past_the_end, past_the_end + 10), None);
     }
 
     #[tokio::test]

@@ -194,8 +194,43 @@ impl StagedBlob {
         self.written
     }
 
-    /// Accepts a chunk; it reaches the file with the next batch.
-    pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
+    /// Allocates the whole blob on disk before it arrives: a full disk
+    /// shows now rather than halfway through (so the blob can still be
+    /// passed through), and the filesystem no longer allocates block by
+    /// block as the writes land, which costs about a third of the write
+    /// time on ext4. Returns whether there was room.
+    pub async fn preallocate(&mut self, size: u64) -> io::Result<bool> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        use rustix::io::Errno;
+        if size == 0 {
+            return Ok(true); // fallocate rejects an empty range
+        }
+        let file = self.take_file()?;
+        let (file, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = fallocate(&file, FallocateFlags::empty(), 0, size);
+            (file, outcome)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        self.file = Some(file);
+        match outcome {
+            Ok(()) => Ok(true),
+            Err(Errno::NOSPC) => Ok(false),
+            // Filesystems without fallocate allocate as the writes come.
+            Err(Errno::OPNOTSUPP) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn take_file(&mut self) -> io::Result<std::fs::File> {
+        self.file
+            .take()
+            .ok_or_else(|| io::Error::other("staging file lost after a failed write"))
+    }
+
+    /// Accepts a chunk; it reaches the file with the next batch. Returns
+    /// the batch when this chunk completed one and it was written.
+    pub async fn write(&mut self, chunk: &[u8]) -> io::Result<Option<Bytes>> {
         if self.pending.is_empty() {
             // One allocation per batch, not a doubling series of copies.
             self.pending.reserve(WRITE_BATCH + chunk.len());
@@ -203,21 +238,19 @@ impl StagedBlob {
         self.pending.extend_from_slice(chunk);
         self.received += chunk.len() as u64;
         if self.pending.len() >= WRITE_BATCH {
-            self.flush().await?;
+            return self.flush().await;
         }
-        Ok(())
+        Ok(None)
     }
 
-    /// Writes and hashes what is pending, off the async threads.
-    pub async fn flush(&mut self) -> io::Result<()> {
+    /// Writes and hashes what is pending, off the async threads. Returns
+    /// the batch written (it ends at [`StagedBlob::written`]), if any.
+    pub async fn flush(&mut self) -> io::Result<Option<Bytes>> {
         if self.pending.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let batch = self.pending.split().freeze();
-        let mut file = self
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("staging file lost after a failed write"))?;
+        let mut file = self.take_file()?;
         let written = batch.clone();
         let file = tokio::task::spawn_blocking(move || {
             use std::io::Write;
@@ -231,8 +264,9 @@ impl StagedBlob {
         self.hasher
             .as_ref()
             .ok_or_else(|| io::Error::other("hash already taken"))?
-            .feed(batch)
-            .await
+            .feed(batch.clone())
+            .await?;
+        Ok(Some(batch))
     }
 
     /// Verifies the digest and commits the blob to content-addressed
