@@ -34,13 +34,24 @@ pub struct Plan {
     pub drop_links: Vec<ManifestLink>,
     pub delete_blobs: Vec<(Digest, u64)>,
     pub kept_bytes: u64,
+    /// Stored blobs that stay.
+    pub kept_blobs: HashSet<Digest>,
 }
 
 impl Plan {
     pub fn freed_bytes(&self) -> u64 {
         self.delete_blobs.iter().map(|(_, size)| size).sum()
     }
+
+    pub fn removes_anything(&self) -> bool {
+        !(self.delete_blobs.is_empty() && self.drop_links.is_empty())
+    }
 }
+
+/// Without `proxy.ttl`, how long another node's access record (S3) may go
+/// unwritten before it is deleted: its times then only rank blobs for
+/// `cache.maxsize`, and a week-old use ranks about as low as none.
+const ACCESS_RECORD_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A root: a manifest link or an unreferenced blob, and what it keeps.
 struct Root {
@@ -103,9 +114,11 @@ pub async fn plan(storage: &Storage, policy: &Policy, now: SystemTime) -> io::Re
             plan.drop_links.push(link);
         }
     }
-    let mut delete: Vec<(Digest, u64)> = blobs
-        .iter()
-        .filter(|(digest, _)| !keep.contains(digest))
+    let (kept_blobs, dropped_blobs): (Vec<_>, Vec<_>) =
+        blobs.iter().partition(|(digest, _)| keep.contains(digest));
+    plan.kept_blobs = kept_blobs.into_iter().map(|(d, _)| d.clone()).collect();
+    let mut delete: Vec<(Digest, u64)> = dropped_blobs
+        .into_iter()
         .map(|(digest, (size, _))| (digest.clone(), *size))
         .collect();
     delete.sort();
@@ -260,15 +273,32 @@ pub fn referenced_digests(manifest: &[u8]) -> Vec<Digest> {
 }
 
 /// Carries out a plan: links (and their tags) first, so no index entry
-/// ever points at deleted content; then blobs.
-pub async fn apply(storage: &Storage, plan: &Plan) -> io::Result<()> {
+/// ever points at deleted content; then blobs; then the access records
+/// (S3) are pruned to what is left.
+pub async fn apply(
+    storage: &Storage,
+    plan: &Plan,
+    policy: &Policy,
+    now: SystemTime,
+) -> io::Result<()> {
     for link in &plan.drop_links {
         storage.remove_manifest_link(link).await?;
     }
     for (digest, _) in &plan.delete_blobs {
         storage.delete_blob(digest).await?;
     }
-    Ok(())
+    // A record last written before the TTL holds only expired times: every
+    // time in it is older than the record.
+    let keep_records_for = policy
+        .ttl
+        .unwrap_or(ACCESS_RECORD_MAX_AGE)
+        .max(policy.grace);
+    let stale_before = now
+        .checked_sub(keep_records_for)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    storage
+        .prune_access_records(&plan.kept_blobs, stale_before)
+        .await
 }
 
 #[cfg(test)]

@@ -179,17 +179,16 @@ async fn collect_garbage(storage: Storage, policy: gc::Policy, interval: Duratio
     loop {
         ticks.tick().await;
         storage.flush_accesses().await;
-        let plan = match gc::plan(&storage, &policy, SystemTime::now()).await {
+        let now = SystemTime::now();
+        let plan = match gc::plan(&storage, &policy, now).await {
             Ok(plan) => plan,
             Err(e) => {
                 tracing::warn!(error = %e, "eviction: cannot plan");
                 continue;
             }
         };
-        if plan.delete_blobs.is_empty() && plan.drop_links.is_empty() {
-            continue;
-        }
-        match gc::apply(&storage, &plan).await {
+        match gc::apply(&storage, &plan, &policy, now).await {
+            Ok(()) if !plan.removes_anything() => {}
             Ok(()) => {
                 metrics()
                     .evicted_blobs

@@ -142,6 +142,14 @@ async fn the_toolbox_works_on_the_bucket() {
     assert!(kura(&["du"], &[]).contains(&format!("{} blobs", stored.len())));
     assert!(kura(&["verify"], &[]).contains(": 0 corrupt"));
 
+    // The access record of a replica that went away, e.g. a replaced pod.
+    let departed = "kura/_kura/access/departed-replica";
+    s3.put(
+        departed,
+        r#"{"sha256:0000000000000000000000000000000000000000000000000000000000000000":1}"#,
+    )
+    .await;
+
     std::thread::sleep(Duration::from_millis(1500));
     let expire = [
         ("REGISTRY_PROXY_TTL", "1s"),
@@ -153,6 +161,12 @@ async fn the_toolbox_works_on_the_bucket() {
     assert!(
         s3.keys("kura/blobs/sha256/").await.is_empty(),
         "gc left blobs in the bucket"
+    );
+    assert!(
+        !s3.keys("kura/_kura/access/")
+            .await
+            .contains(&departed.to_owned()),
+        "an access record older than proxy.ttl outlived the collection"
     );
     assert!(!kura(&["ls"], &[]).contains(&image.repository));
 }

@@ -69,7 +69,8 @@ pub async fn du(config: Config) -> anyhow::Result<()> {
 
 pub async fn gc(config: Config, dry_run: bool) -> anyhow::Result<()> {
     let storage = storage(&config)?;
-    let plan = gc::plan(&storage, &config.gc_policy(), SystemTime::now())
+    let (policy, now) = (config.gc_policy(), SystemTime::now());
+    let plan = gc::plan(&storage, &policy, now)
         .await
         .context("planning the collection")?;
     for link in &plan.drop_links {
@@ -87,7 +88,7 @@ pub async fn gc(config: Config, dry_run: bool) -> anyhow::Result<()> {
         human_bytes(plan.kept_bytes)
     );
     if !dry_run {
-        gc::apply(&storage, &plan)
+        gc::apply(&storage, &plan, &policy, now)
             .await
             .context("removing content")?;
     }

@@ -2,9 +2,11 @@
 //! map; a periodic flush writes the times out, never one write per
 //! request. On disk they become blob mtimes; on S3 each node rewrites one
 //! small object (`_kura/access/<node>`) with the times it has seen, and
-//! eviction merges every node's object.
+//! eviction merges every node's object, then prunes: a node forgets blobs
+//! no longer stored, and the objects of nodes that went away are deleted
+//! once they hold nothing eviction still needs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::Path;
 use std::sync::Mutex;
@@ -58,9 +60,33 @@ impl AccessTracker {
             .map(|(digest, time)| (digest.to_string(), seconds(*time)))
             .collect();
         let body = serde_json::to_vec(&encoded).map_err(io::Error::other)?;
-        objects
-            .write(&format!("{ACCESS_PREFIX}{}", node_name()), body, staging)
+        objects.write(&own_key(), body, staging).await
+    }
+
+    /// Keeps the records small (S3): this node forgets blobs that are no
+    /// longer stored, and another node's object last written before
+    /// `stale_before` is deleted (a replaced pod leaves one behind; a live
+    /// node that uses a blob again writes its object anew).
+    pub async fn prune(
+        &self,
+        objects: &Objects,
+        stored: &HashSet<Digest>,
+        stale_before: SystemTime,
+    ) -> io::Result<()> {
+        if objects.is_local() {
+            return Ok(());
+        }
+        self.flushed
+            .lock()
             .await
+            .retain(|digest, _| stored.contains(digest));
+        let own = own_key();
+        for (key, meta) in objects.list(ACCESS_PREFIX).await? {
+            if key != own && meta.modified < stale_before {
+                objects.delete(&key).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Every node's flushed access times (S3); nothing on disk, where the
@@ -93,10 +119,9 @@ fn seconds(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// This node's name (the pod name in Kubernetes).
-fn node_name() -> String {
-    rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned()
+/// This node's access object, named after the node (the pod name in
+/// Kubernetes).
+fn own_key() -> String {
+    let node = rustix::system::uname();
+    format!("{ACCESS_PREFIX}{}", node.nodename().to_string_lossy())
 }

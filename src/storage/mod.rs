@@ -21,7 +21,7 @@ pub mod blobs;
 pub mod index;
 pub mod objects;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -123,6 +123,16 @@ impl Storage {
             *entry = (*entry).max(time);
         }
         Ok(times)
+    }
+
+    /// Prunes access records (S3) after a collection: see
+    /// [`access::AccessTracker::prune`].
+    pub async fn prune_access_records(
+        &self,
+        stored: &HashSet<Digest>,
+        stale_before: SystemTime,
+    ) -> io::Result<()> {
+        self.access.prune(&self.objects, stored, stale_before).await
     }
 
     /// Writes recorded accesses out (blob mtimes, or this node's access

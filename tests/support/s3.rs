@@ -61,6 +61,22 @@ impl S3Server {
         )
     }
 
+    /// Stores an object directly (moto accepts unsigned requests), as
+    /// another process writing to the bucket would.
+    pub async fn put(&self, key: &str, body: &'static str) {
+        let stored = http_client(Duration::from_secs(10))
+            .put(format!("{}/{BUCKET}/{key}", self.endpoint))
+            .body(body)
+            .send()
+            .await
+            .expect("put object");
+        assert!(
+            stored.status().is_success(),
+            "put {key}: {}",
+            stored.status()
+        );
+    }
+
     /// Keys in the bucket under `prefix` (ListObjectsV2, following pages).
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
         let client = http_client(Duration::from_secs(30));
