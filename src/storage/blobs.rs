@@ -2,6 +2,7 @@
 //! on the fly, committed (renamed, or uploaded to S3) only when the digest
 //! matches.
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
 
@@ -113,6 +114,7 @@ impl Storage {
             file: Some(file),
             hasher: Some(HashWorker::start()),
             pending: BytesMut::new(),
+            spent: VecDeque::new(),
             received: 0,
             written: 0,
         })
@@ -123,6 +125,10 @@ impl Storage {
 /// hashing with it) is a trip to the blocking pool, and upstream chunks are
 /// often only a few KiB.
 const WRITE_BATCH: usize = 1 << 20;
+
+/// Written batches a download keeps to reuse their memory once nothing
+/// else (hashing, followers) holds them; more are let go.
+const SPENT_BATCHES: usize = 16;
 
 /// Batches waiting to be hashed at most; a slow hash slows the download
 /// rather than filling memory.
@@ -175,6 +181,10 @@ pub struct StagedBlob {
     /// followers never wait for it; it answers the digest at the end.
     hasher: Option<HashWorker>,
     pending: BytesMut,
+    /// Batches already written, oldest first: their buffers are reused, so
+    /// a download cycles through a few hot MiB instead of faulting in
+    /// fresh memory for every batch.
+    spent: VecDeque<Bytes>,
     received: u64,
     written: u64,
 }
@@ -231,16 +241,31 @@ impl StagedBlob {
     /// Accepts a chunk; it reaches the file with the next batch. Returns
     /// the batch when this chunk completed one and it was written.
     pub async fn write(&mut self, chunk: &[u8]) -> io::Result<Option<Bytes>> {
-        if self.pending.is_empty() {
-            // One allocation per batch, not a doubling series of copies.
-            self.pending.reserve(WRITE_BATCH + chunk.len());
+        let mut written = None;
+        if self.pending.len() + chunk.len() > WRITE_BATCH && !self.pending.is_empty() {
+            written = self.flush().await?;
+        }
+        if self.pending.capacity() == 0 {
+            self.pending = self.empty_batch();
         }
         self.pending.extend_from_slice(chunk);
         self.received += chunk.len() as u64;
-        if self.pending.len() >= WRITE_BATCH {
-            return self.flush().await;
+        Ok(written)
+    }
+
+    /// The oldest spent batch if nothing else holds it any more, else a
+    /// new one: one allocation per batch, never a doubling series.
+    fn empty_batch(&mut self) -> BytesMut {
+        if let Some(oldest) = self.spent.pop_front() {
+            match oldest.try_into_mut() {
+                Ok(mut reusable) => {
+                    reusable.clear();
+                    return reusable;
+                }
+                Err(held) => self.spent.push_front(held),
+            }
         }
-        Ok(None)
+        BytesMut::with_capacity(WRITE_BATCH)
     }
 
     /// Writes and hashes what is pending, off the async threads. Returns
@@ -249,7 +274,11 @@ impl StagedBlob {
         if self.pending.is_empty() {
             return Ok(None);
         }
-        let batch = self.pending.split().freeze();
+        let batch = std::mem::take(&mut self.pending).freeze();
+        if self.spent.len() == SPENT_BATCHES {
+            self.spent.pop_front();
+        }
+        self.spent.push_back(batch.clone());
         let mut file = self.take_file()?;
         let written = batch.clone();
         let file = tokio::task::spawn_blocking(move || {
