@@ -25,7 +25,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::fs;
 
@@ -45,7 +45,14 @@ pub struct Storage {
     namespace: Option<String>,
     /// Shared by every view: recency is per blob, whoever serves it.
     access: Arc<access::AccessTracker>,
+    /// When a readiness probe last wrote successfully.
+    proven_writable: Arc<std::sync::Mutex<Option<Instant>>>,
 }
+
+/// How long a successful write probe is trusted: readiness checks come
+/// every few seconds from every replica, and each probe is two requests to
+/// the bucket.
+const PROBE_TRUST: Duration = Duration::from_secs(30);
 
 impl Storage {
     /// A storage view without any I/O; see [`Storage::open`] and
@@ -56,6 +63,7 @@ impl Storage {
             objects,
             namespace: None,
             access: Arc::default(),
+            proven_writable: Arc::default(),
         }
     }
 
@@ -171,13 +179,20 @@ impl Storage {
     }
 
     /// Proves the storage accepts writes (readiness): a probe object
-    /// written and removed.
+    /// written and removed, at most once per [`PROBE_TRUST`] while it
+    /// succeeds; a failure is never remembered, so recovery shows at once.
     pub async fn probe_writable(&self) -> io::Result<()> {
+        let proven = *self.proven_writable.lock().expect("probe lock");
+        if proven.is_some_and(|at| at.elapsed() < PROBE_TRUST) {
+            return Ok(());
+        }
         let key = format!("_kura/probe-{}", uuid::Uuid::new_v4());
         self.objects
             .write(&key, b"probe".to_vec(), &self.new_staging_path())
             .await?;
-        self.objects.delete(&key).await
+        self.objects.delete(&key).await?;
+        *self.proven_writable.lock().expect("probe lock") = Some(Instant::now());
+        Ok(())
     }
 
     /// Bytes and number of committed blobs.
@@ -212,4 +227,26 @@ impl Storage {
 pub struct Usage {
     pub bytes: u64,
     pub blobs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn write_probes_trust_a_success_for_a_while_and_never_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::local(dir.path()).open().await.unwrap();
+        storage.probe_writable().await.unwrap();
+        // Break writes: the probe's parent directory becomes a file.
+        let probes = dir.path().join("_kura");
+        std::fs::remove_dir_all(&probes).unwrap();
+        std::fs::write(&probes, b"in the way").unwrap();
+        storage.probe_writable().await.expect("trusted success");
+
+        let unproven = Storage::local(dir.path());
+        assert!(unproven.probe_writable().await.is_err());
+        std::fs::remove_file(&probes).unwrap();
+        unproven.probe_writable().await.expect("failure not remembered");
+    }
 }
