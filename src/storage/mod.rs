@@ -247,6 +247,9 @@ mod tests {
         let unproven = Storage::local(dir.path());
         assert!(unproven.probe_writable().await.is_err());
         std::fs::remove_file(&probes).unwrap();
-        unproven.probe_writable().await.expect("failure not remembered");
+        unproven
+            .probe_writable()
+            .await
+            .expect("failure not remembered");
     }
 }
