@@ -7,15 +7,22 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use support::clients::skopeo_copy;
+use support::images::sha256_digest;
 use support::s3::S3Server;
 use support::{Kura, KuraOptions, Upstream, seed_all};
 use tempfile::TempDir;
 
 /// A Kura replica whose cache is the bucket; its local dir only stages.
 async fn replica(s3: &S3Server, upstream: &Upstream) -> (Kura, TempDir) {
+    replica_with(s3, upstream, "").await
+}
+
+/// A replica with more YAML under `storage:` (indented two spaces).
+async fn replica_with(s3: &S3Server, upstream: &Upstream, storage: &str) -> (Kura, TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("kura.yml");
-    std::fs::write(&config, s3.storage_yaml(&dir.path().join("local"))).unwrap();
+    let yaml = s3.storage_yaml(&dir.path().join("local")) + storage;
+    std::fs::write(&config, yaml).unwrap();
     let mut options = KuraOptions::for_upstream(upstream);
     options.extra_args.push(config.display().to_string());
     (Kura::start(options).await, dir)
@@ -97,6 +104,62 @@ async fn two_replicas_cold_pulling_at_once_both_succeed_and_store_one_copy() {
     // Both replicas now serve it warm.
     assert!(a.pull(image).await);
     assert!(b.pull(image).await);
+}
+
+/// Cached blobs are fetched from the bucket by the client itself, through a
+/// presigned URL; with `storage.redirect.disable` Kura streams them.
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_blob_gets_redirect_to_the_bucket_unless_disabled() {
+    let s3 = S3Server::start().await;
+    let upstream = Upstream::anonymous().await;
+    let seeded = seed_all(&upstream).await;
+    let (redirecting, _dir) = replica(&s3, &upstream).await;
+    let (streaming, _dir2) = replica_with(&s3, &upstream, "  redirect:\n    disable: true\n").await;
+    let layer = &seeded.multilayer.layers[0];
+    let path = format!(
+        "/v2/{}/blobs/{}",
+        seeded.multilayer.repository, layer.digest
+    );
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get = |kura: &Kura| no_follow.get(format!("{}{path}", kura.url())).send();
+
+    let cold = get(&redirecting).await.unwrap();
+    assert_eq!(cold.status(), 200, "a cold blob streams through Kura");
+    assert_eq!(sha256_digest(&cold.bytes().await.unwrap()), layer.digest);
+
+    let cached = get(&redirecting).await.unwrap();
+    assert_eq!(cached.status(), 307);
+    assert_eq!(
+        cached.headers()["docker-content-digest"],
+        layer.digest.as_str()
+    );
+    let location = cached.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        location.starts_with(s3.endpoint()),
+        "redirected to the bucket: {location}"
+    );
+    let from_bucket = no_follow.get(&location).send().await.unwrap();
+    assert_eq!(from_bucket.status(), 200);
+    assert_eq!(
+        sha256_digest(&from_bucket.bytes().await.unwrap()),
+        layer.digest
+    );
+    let head = no_follow
+        .head(format!("{}{path}", redirecting.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200, "HEAD is answered by Kura");
+
+    let streamed = get(&streaming).await.unwrap();
+    assert_eq!(streamed.status(), 200);
+    assert_eq!(
+        sha256_digest(&streamed.bytes().await.unwrap()),
+        layer.digest
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use super::{Outcome, content_response};
+use super::{DIGEST_HEADER, Outcome, content_response};
 use crate::cache::Cache;
 use crate::metrics::{SourceLabels, metrics};
 use crate::reference::{Digest, RepoName};
@@ -34,6 +34,10 @@ pub async fn serve(
             Outcome::from_hit(stat.cache_hit),
         );
         return Ok(with_accept_ranges(response));
+    }
+    if let Some(location) = cache.blob_redirect(digest).await? {
+        metrics().lookup("blob", Outcome::from_hit(true).0);
+        return Ok(redirect(digest, &location));
     }
     let blob = cache.open_blob(name, digest).await?;
     let outcome = Outcome::from_hit(blob.cache_hit);
@@ -76,6 +80,19 @@ pub async fn serve(
         );
     }
     Ok(with_accept_ranges(response))
+}
+
+/// Sends the client to the storage for the bytes, as Distribution does on
+/// S3; a `Range` header travels with the client's next request.
+fn redirect(digest: &Digest, location: &str) -> Response {
+    let mut response = Response::builder()
+        .status(StatusCode::TEMPORARY_REDIRECT)
+        .header(header::LOCATION, location)
+        .header(DIGEST_HEADER, digest.to_string())
+        .body(Body::empty())
+        .unwrap_or_else(|e| ApiError::internal(e).into_response());
+    response.extensions_mut().insert(Outcome::from_hit(true));
+    response
 }
 
 fn with_accept_ranges(mut response: Response) -> Response {

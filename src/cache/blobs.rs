@@ -127,6 +127,20 @@ impl Cache {
         })
     }
 
+    /// Where the client may fetch a cached blob from the storage itself
+    /// (S3 with redirects), instead of through Kura.
+    pub async fn blob_redirect(&self, digest: &Digest) -> Result<Option<String>, ApiError> {
+        let location = self
+            .storage
+            .blob_redirect(digest)
+            .await
+            .map_err(storage_error)?;
+        if location.is_some() {
+            self.storage.record_access(digest);
+        }
+        Ok(location)
+    }
+
     /// Opens a blob for streaming: from storage, or by starting or joining
     /// the shared download.
     pub async fn open_blob(

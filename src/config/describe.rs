@@ -32,6 +32,8 @@ impl Config {
         let mut storage = map([("filesystem", Value::Mapping(filesystem))]);
         if let Some(s3) = &self.s3 {
             storage.insert("s3".into(), Value::Mapping(s3_map(s3)));
+            let redirect = map([("disable", Value::Bool(!s3.redirect))]);
+            storage.insert("redirect".into(), Value::Mapping(redirect));
         }
         root.insert("storage".into(), Value::Mapping(storage));
         let mut cache = map([

@@ -71,6 +71,9 @@ pub struct S3Config {
     pub root: String,
     /// `forcepathstyle`: path-style URLs (default when an endpoint is set).
     pub path_style: bool,
+    /// Not `storage.redirect.disable`: answer blob GETs with a redirect to
+    /// a presigned URL, so clients download from the bucket directly.
+    pub redirect: bool,
 }
 
 /// Kura's `cache:` section: eviction beyond `proxy.ttl`.
@@ -352,6 +355,7 @@ fn read_s3(keys: &mut KeyReader) -> Result<Option<S3Config>, ConfigError> {
         root: keys
             .string("storage.s3.rootdirectory")?
             .unwrap_or_else(|| "/".to_owned()),
+        redirect: !keys.bool("storage.redirect.disable")?.unwrap_or(false),
     }))
 }
 

@@ -46,6 +46,18 @@ impl Storage {
         self.objects.open(&blob_key(digest)).await
     }
 
+    /// Where a client may fetch a committed blob itself (a presigned S3
+    /// URL), when the storage redirects readers and the blob is stored.
+    pub async fn blob_redirect(&self, digest: &Digest) -> io::Result<Option<String>> {
+        /// Distribution's S3 driver presigns for as long.
+        const EXPIRE: std::time::Duration = std::time::Duration::from_secs(20 * 60);
+        let key = blob_key(digest);
+        let Some(url) = self.objects.presigned_url(&key, EXPIRE).await? else {
+            return Ok(None);
+        };
+        Ok(self.objects.stat(&key).await?.map(|_| url))
+    }
+
     pub async fn blob_size(&self, digest: &Digest) -> io::Result<Option<u64>> {
         Ok(self
             .objects

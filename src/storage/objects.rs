@@ -10,7 +10,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -33,7 +33,8 @@ pub enum Objects {
     /// commit is a rename.
     Fs { root: PathBuf },
     /// A bucket; staging stays on local disk and a commit is an upload.
-    S3 { op: Operator },
+    /// With `redirect`, readers may be sent to presigned URLs.
+    S3 { op: Operator, redirect: bool },
 }
 
 impl std::fmt::Debug for Objects {
@@ -89,7 +90,24 @@ impl Objects {
             OperationContext::new().with_http_transport(HttpTransporter::new(s3_transport()?));
         Ok(Objects::S3 {
             op: op.with_context(context),
+            redirect: config.redirect,
         })
+    }
+
+    /// A URL that serves the object to whoever holds it for `expire`
+    /// (a presigned GET), when this storage redirects readers; no request
+    /// is made, so the object may not exist.
+    pub async fn presigned_url(&self, key: &str, expire: Duration) -> io::Result<Option<String>> {
+        match self {
+            Objects::S3 { op, redirect: true } => {
+                let request = op
+                    .presign_read(key, expire)
+                    .await
+                    .map_err(io::Error::from)?;
+                Ok(Some(request.uri().to_string()))
+            }
+            _ => Ok(None),
+        }
     }
 
     pub fn is_local(&self) -> bool {
@@ -103,7 +121,7 @@ impl Objects {
     pub async fn read(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
         match self {
             Objects::Fs { root } => not_found_as_none(fs::read(Self::path(root, key)).await),
-            Objects::S3 { op } => not_found_as_none(
+            Objects::S3 { op, .. } => not_found_as_none(
                 op.read(key)
                     .await
                     .map(|b| b.to_vec())
@@ -120,7 +138,7 @@ impl Objects {
                 fs::write(staging, &bytes).await?;
                 rename_into_place(staging, &Self::path(root, key)).await
             }
-            Objects::S3 { op } => op
+            Objects::S3 { op, .. } => op
                 .write(key, bytes)
                 .await
                 .map(|_| ())
@@ -133,7 +151,7 @@ impl Objects {
             Objects::Fs { root } => {
                 not_found_as_none(fs::remove_file(Self::path(root, key)).await).map(|_| ())
             }
-            Objects::S3 { op } => op.delete(key).await.map_err(io::Error::from),
+            Objects::S3 { op, .. } => op.delete(key).await.map_err(io::Error::from),
         }
     }
 
@@ -149,7 +167,7 @@ impl Objects {
                 })
                 .transpose()
             }
-            Objects::S3 { op } => {
+            Objects::S3 { op, .. } => {
                 let meta = not_found_as_none(op.stat(key).await.map_err(io::Error::from))?;
                 Ok(meta.map(|m| remote_meta(&m)))
             }
@@ -166,7 +184,7 @@ impl Objects {
                     .await
                     .map_err(io::Error::other)?
             }
-            Objects::S3 { op } => {
+            Objects::S3 { op, .. } => {
                 let entries = not_found_as_none(
                     op.list_with(prefix)
                         .recursive(true)
@@ -193,7 +211,7 @@ impl Objects {
                 let size = file.metadata().await?.len();
                 Ok(Some((ObjectReader::File(file), size)))
             }
-            Objects::S3 { op } => {
+            Objects::S3 { op, .. } => {
                 let Some(meta) = self.stat(key).await? else {
                     return Ok(None);
                 };
@@ -213,7 +231,7 @@ impl Objects {
     pub async fn commit_file(&self, local: &Path, key: &str) -> io::Result<()> {
         match self {
             Objects::Fs { root } => rename_into_place(local, &Self::path(root, key)).await,
-            Objects::S3 { op } => {
+            Objects::S3 { op, .. } => {
                 let result = upload(op, local, key).await;
                 let _ = fs::remove_file(local).await;
                 result
