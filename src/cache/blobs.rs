@@ -32,10 +32,10 @@ use crate::upstream::{SlottedResponse, UpstreamError};
 /// Read size when serving; large enough to keep syscalls cheap.
 const READ_CHUNK: usize = 256 * 1024;
 
-/// Written batches a download keeps in memory for its followers (2 MiB of
-/// 256 KiB batches): a client keeping up with the upstream is served from
+/// Written batches a download keeps in memory for its followers (about
+/// 1 MiB each): a client keeping up with the upstream is served from
 /// here, without reading the staging file back.
-const RECENT_BATCHES: usize = 8;
+const RECENT_BATCHES: usize = 4;
 
 /// How far a shared download has got.
 #[derive(Clone)]

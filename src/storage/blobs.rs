@@ -135,17 +135,16 @@ impl Storage {
 
 /// Bytes gathered before one write to the staging file: a write (and the
 /// hashing with it) is a trip to the blocking pool, and upstream chunks are
-/// often only a few KiB. Not more: a slow client served from memory pins
-/// the whole batch its bytes are in.
-const WRITE_BATCH: usize = 256 << 10;
+/// often only a few KiB.
+const WRITE_BATCH: usize = 1 << 20;
 
 /// Written batches a download keeps to reuse their memory once nothing
-/// else (hashing, followers) holds them (8 MiB); more are let go.
-const SPENT_BATCHES: usize = 32;
+/// else (hashing, followers) holds them; more are let go.
+const SPENT_BATCHES: usize = 16;
 
-/// Batches waiting to be hashed at most (4 MiB); a slow hash slows the
-/// download rather than filling memory.
-const HASH_QUEUE: usize = 16;
+/// Batches waiting to be hashed at most; a slow hash slows the download
+/// rather than filling memory.
+const HASH_QUEUE: usize = 8;
 
 /// A blocking thread that hashes the batches it is fed, in order.
 struct HashWorker {
