@@ -220,6 +220,9 @@ async fn the_toolbox_works_on_the_bucket() {
     ];
     assert!(kura(&["gc", "--dry-run"], &expire).contains("would free"));
     assert_eq!(s3.keys("kura/blobs/sha256/").await.len(), stored.len());
+    // A live replica's record, written just now, is younger than the TTL.
+    let live = "kura/_kura/access/live-replica";
+    s3.put(live, "{}").await;
     kura(&["gc"], &expire);
     assert!(
         s3.keys("kura/blobs/sha256/").await.is_empty(),
@@ -230,6 +233,12 @@ async fn the_toolbox_works_on_the_bucket() {
             .await
             .contains(&departed.to_owned()),
         "an access record older than proxy.ttl outlived the collection"
+    );
+    assert!(
+        s3.keys("kura/_kura/access/")
+            .await
+            .contains(&live.to_owned()),
+        "a fresh access record was collected"
     );
     assert!(!kura(&["ls"], &[]).contains(&image.repository));
 }
