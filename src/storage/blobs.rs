@@ -128,7 +128,6 @@ impl Storage {
             pending: BytesMut::new(),
             spent: VecDeque::new(),
             received: 0,
-            written: 0,
         })
     }
 }
@@ -198,7 +197,6 @@ pub struct StagedBlob {
     /// fresh memory for every batch.
     spent: VecDeque<Bytes>,
     received: u64,
-    written: u64,
 }
 
 impl StagedBlob {
@@ -211,9 +209,10 @@ impl StagedBlob {
         self.received
     }
 
-    /// Bytes on disk, readable through other handles on the staging file.
+    /// Bytes on disk, readable through other handles on the staging file:
+    /// everything received but the pending batch.
     pub fn written(&self) -> u64 {
-        self.written
+        self.received - self.pending.len() as u64
     }
 
     /// Allocates the whole blob on disk before it arrives: a full disk
@@ -301,7 +300,6 @@ impl StagedBlob {
         .await
         .map_err(io::Error::other)??;
         self.file = Some(file);
-        self.written = self.received;
         self.hasher
             .as_ref()
             .ok_or_else(|| io::Error::other("hash already taken"))?
