@@ -35,13 +35,12 @@ pub async fn serve(
         );
         return Ok(with_accept_ranges(response));
     }
-    if let Some(location) = cache.blob_redirect(digest).await? {
-        metrics().lookup("blob", Outcome::from_hit(true).0);
-        return Ok(redirect(digest, &location));
-    }
     let blob = cache.open_blob(name, digest).await?;
     let outcome = Outcome::from_hit(blob.cache_hit);
     metrics().lookup("blob", outcome.0);
+    if let Some(location) = blob.redirect() {
+        return Ok(redirect(digest, location, outcome));
+    }
     let source = if blob.cache_hit { "cache" } else { "download" };
     let served = metrics()
         .blob_bytes_served
@@ -84,14 +83,14 @@ pub async fn serve(
 
 /// Sends the client to the storage for the bytes, as Distribution does on
 /// S3; a `Range` header travels with the client's next request.
-fn redirect(digest: &Digest, location: &str) -> Response {
+fn redirect(digest: &Digest, location: &str, outcome: Outcome) -> Response {
     let mut response = Response::builder()
         .status(StatusCode::TEMPORARY_REDIRECT)
         .header(header::LOCATION, location)
         .header(DIGEST_HEADER, digest.to_string())
         .body(Body::empty())
         .unwrap_or_else(|e| ApiError::internal(e).into_response());
-    response.extensions_mut().insert(Outcome::from_hit(true));
+    response.extensions_mut().insert(outcome);
     response
 }
 

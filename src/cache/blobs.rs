@@ -25,7 +25,7 @@ use crate::api::error::{ApiError, ErrorCode};
 use crate::metrics::{ReasonLabels, UpstreamLabels, metrics};
 use crate::reference::{Digest, RepoName};
 use crate::storage::StagedBlob;
-use crate::storage::blobs::CommitError;
+use crate::storage::blobs::{CommitError, ServedBlob};
 use crate::storage::objects::ObjectReader;
 use crate::upstream::{SlottedResponse, UpstreamError};
 
@@ -83,6 +83,8 @@ pub struct BlobBody {
 enum Source {
     /// A committed blob.
     Stored(ObjectReader),
+    /// A committed blob the client fetches from the storage itself.
+    Redirect(String),
     /// A download's staging file, readable as far as its progress says.
     Live {
         file: std::fs::File,
@@ -125,20 +127,6 @@ impl Cache {
             size,
             cache_hit: false,
         })
-    }
-
-    /// Where the client may fetch a cached blob from the storage itself
-    /// (S3 with redirects), instead of through Kura.
-    pub async fn blob_redirect(&self, digest: &Digest) -> Result<Option<String>, ApiError> {
-        let location = self
-            .storage
-            .blob_redirect(digest)
-            .await
-            .map_err(storage_error)?;
-        if location.is_some() {
-            self.storage.record_access(digest);
-        }
-        Ok(location)
     }
 
     /// Opens a blob for streaming: from storage, or by starting or joining
@@ -185,15 +173,21 @@ impl Cache {
     }
 
     async fn open_committed(&self, digest: &Digest) -> Result<Option<BlobBody>, ApiError> {
-        let opened = self
+        let served = self
             .storage
-            .open_blob(digest)
+            .serve_blob(digest)
             .await
             .map_err(storage_error)?;
-        Ok(opened.map(|(file, size)| BlobBody {
-            size: Some(size),
-            cache_hit: true,
-            source: Source::Stored(file),
+        Ok(served.map(|served| {
+            let (source, size) = match served {
+                ServedBlob::Here(reader, size) => (Source::Stored(reader), size),
+                ServedBlob::Elsewhere(url, size) => (Source::Redirect(url), size),
+            };
+            BlobBody {
+                size: Some(size),
+                cache_hit: true,
+                source,
+            }
         }))
     }
 
@@ -487,6 +481,14 @@ fn transfer_failed(message: String) -> ApiError {
 }
 
 impl BlobBody {
+    /// Where the client should fetch the bytes instead (S3 with redirects).
+    pub fn redirect(&self) -> Option<&str> {
+        match &self.source {
+            Source::Redirect(url) => Some(url),
+            _ => None,
+        }
+    }
+
     /// Streams bytes `start..end` (end exclusive; `None` = to the end).
     /// A failed download ends the stream with an error, which aborts the
     /// client's transfer.
@@ -501,6 +503,9 @@ impl BlobBody {
                 let end = end.ok_or_else(|| io::Error::other("stored blob without a size"))?;
                 reader.into_stream(start, end).await
             }
+            Source::Redirect(_) => Err(io::Error::other(
+                "the blob is served by redirect, not through Kura",
+            )),
             Source::Live { file, progress } => {
                 let reader = Follower {
                     file,

@@ -26,6 +26,13 @@ pub enum CommitError {
     Io(#[from] io::Error),
 }
 
+/// See [`Storage::serve_blob`]; both carry the blob's size.
+pub enum ServedBlob {
+    Here(ObjectReader, u64),
+    /// A presigned URL.
+    Elsewhere(String, u64),
+}
+
 /// A committed blob as eviction and the tools see it.
 #[derive(Debug, Clone)]
 pub struct BlobEntry {
@@ -46,16 +53,19 @@ impl Storage {
         self.objects.open(&blob_key(digest)).await
     }
 
-    /// Where a client may fetch a committed blob itself (a presigned S3
-    /// URL), when the storage redirects readers and the blob is stored.
-    pub async fn blob_redirect(&self, digest: &Digest) -> io::Result<Option<String>> {
+    /// A committed blob as a client gets it: the bytes, or, when the
+    /// storage redirects readers (S3), a presigned URL to fetch them from.
+    /// One existence check either way.
+    pub async fn serve_blob(&self, digest: &Digest) -> io::Result<Option<ServedBlob>> {
         /// Distribution's S3 driver presigns for as long.
         const EXPIRE: std::time::Duration = std::time::Duration::from_secs(20 * 60);
         let key = blob_key(digest);
-        let Some(url) = self.objects.presigned_url(&key, EXPIRE).await? else {
-            return Ok(None);
-        };
-        Ok(self.objects.stat(&key).await?.map(|_| url))
+        if let Some(url) = self.objects.presigned_url(&key, EXPIRE).await? {
+            let meta = self.objects.stat(&key).await?;
+            return Ok(meta.map(|meta| ServedBlob::Elsewhere(url, meta.size)));
+        }
+        let opened = self.objects.open(&key).await?;
+        Ok(opened.map(|(reader, size)| ServedBlob::Here(reader, size)))
     }
 
     pub async fn blob_size(&self, digest: &Digest) -> io::Result<Option<u64>> {
