@@ -150,11 +150,16 @@ def handle(client, target_port):
     target.close()
 
 
-def serve_control(port):
+def listener(port, backlog):
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind((HOST, port))
-    ls.listen(16)
+    ls.listen(backlog)
+    return ls
+
+
+def serve_control(port):
+    ls = listener(port, 16)
     while True:
         c, _ = ls.accept()
         with lock:
@@ -169,10 +174,7 @@ def serve_control(port):
 def main():
     listen_port, target_port, control_port = map(int, sys.argv[1:4])
     threading.Thread(target=serve_control, args=(control_port,), daemon=True).start()
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind((HOST, listen_port))
-    ls.listen(1024)
+    ls = listener(listen_port, 1024)
     while True:
         c, _ = ls.accept()
         threading.Thread(target=handle, args=(c, target_port), daemon=True).start()
