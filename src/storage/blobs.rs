@@ -148,12 +148,14 @@ impl Storage {
 const WRITE_BATCH: usize = 1 << 20;
 
 /// Written batches a download keeps to reuse their memory once nothing
-/// else (hashing, followers) holds them; more are let go.
-const SPENT_BATCHES: usize = 16;
+/// else (hashing, followers) holds them; older ones are let go, so memory
+/// a slow client held returns once it is done with it. More than the
+/// batches the cache keeps for followers, or none would ever be free.
+const SPENT_BATCHES: usize = 8;
 
 /// Batches waiting to be hashed at most; a slow hash slows the download
 /// rather than filling memory.
-const HASH_QUEUE: usize = 8;
+const HASH_QUEUE: usize = 4;
 
 /// A blocking thread that hashes the batches it is fed, in order.
 struct HashWorker {
@@ -274,17 +276,17 @@ impl StagedBlob {
         Ok(written)
     }
 
-    /// The oldest spent batch if nothing else holds it any more, else a
-    /// new one: one allocation per batch, never a doubling series.
+    /// A spent batch nothing else holds any more (hashing and followers
+    /// let go of them in any order), else a new one: one allocation per
+    /// batch, never a doubling series.
     fn empty_batch(&mut self) -> BytesMut {
-        if let Some(oldest) = self.spent.pop_front() {
-            match oldest.try_into_mut() {
-                Ok(mut reusable) => {
-                    reusable.clear();
-                    return reusable;
-                }
-                Err(held) => self.spent.push_front(held),
-            }
+        let free = self.spent.iter().position(Bytes::is_unique);
+        if let Some(Ok(mut reusable)) = free
+            .and_then(|i| self.spent.remove(i))
+            .map(Bytes::try_into_mut)
+        {
+            reusable.clear();
+            return reusable;
         }
         BytesMut::with_capacity(WRITE_BATCH)
     }
