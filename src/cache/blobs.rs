@@ -12,7 +12,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
@@ -24,13 +24,10 @@ use super::{Cache, storage_error, upstream_error};
 use crate::api::error::{ApiError, ErrorCode};
 use crate::metrics::{ReasonLabels, UpstreamLabels, metrics};
 use crate::reference::{Digest, RepoName};
-use crate::storage::StagedBlob;
 use crate::storage::blobs::{CommitError, ServedBlob};
 use crate::storage::objects::ObjectReader;
+use crate::storage::{StagedBlob, file_reads};
 use crate::upstream::{SlottedResponse, UpstreamError};
-
-/// Read size when serving; large enough to keep syscalls cheap.
-const READ_CHUNK: usize = 256 * 1024;
 
 /// Written batches a download keeps in memory for its followers (about
 /// 1 MiB each): a client keeping up with the upstream is served from
@@ -508,7 +505,7 @@ impl BlobBody {
             )),
             Source::Live { file, progress } => {
                 let reader = Follower {
-                    file,
+                    file: Arc::new(file),
                     pos: start,
                     end,
                     progress,
@@ -597,7 +594,7 @@ fn byte_window(
 
 /// Reads a live download's staging file, waiting for progress as needed.
 struct Follower {
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
     pos: u64,
     end: Option<u64>,
     progress: watch::Receiver<Progress>,
@@ -618,7 +615,7 @@ impl Follower {
                 return Some(Ok(bytes));
             }
             if self.pos < limit {
-                return Some(self.read(limit - self.pos));
+                return Some(self.read(limit - self.pos).await);
             }
             // A finished download of unknown size, fully read.
             if self.is_complete() {
@@ -653,23 +650,12 @@ impl Follower {
         matches!(*self.progress.borrow(), Progress::Complete { .. })
     }
 
-    /// Reads bytes the download wrote moments ago. They are in the page
-    /// cache, so the read happens right here: a trip through the blocking
-    /// pool per chunk cost more (thread wake-ups) than the copy itself.
-    fn read(&mut self, available: u64) -> io::Result<Bytes> {
-        use std::os::unix::fs::FileExt;
-        let len = available.min(READ_CHUNK as u64) as usize;
-        let mut buf = BytesMut::zeroed(len);
-        let n = self.file.read_at(&mut buf, self.pos)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "blob shorter than expected",
-            ));
-        }
-        buf.truncate(n);
-        self.pos += n as u64;
-        Ok(buf.freeze())
+    /// Reads bytes the download wrote moments ago (from the page cache).
+    async fn read(&mut self, available: u64) -> io::Result<Bytes> {
+        let len = available.min(file_reads::CHUNK as u64) as usize;
+        let chunk = file_reads::read_chunk(&self.file, self.pos, len).await?;
+        self.pos += chunk.len() as u64;
+        Ok(chunk)
     }
 }
 

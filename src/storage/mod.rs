@@ -18,6 +18,7 @@
 
 pub mod access;
 pub mod blobs;
+pub mod file_reads;
 pub mod index;
 pub mod objects;
 

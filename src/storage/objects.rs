@@ -21,6 +21,7 @@ use std::sync::Arc;
 use tokio::fs;
 use tokio::io::AsyncReadExt;
 
+use super::file_reads;
 use crate::config::S3Config;
 
 /// Part size for multipart uploads (S3's minimum is 5 MiB): memory per
@@ -55,7 +56,7 @@ pub struct ObjectMeta {
 
 /// An open object, ready to stream any byte range.
 pub enum ObjectReader {
-    File(fs::File),
+    File(std::fs::File),
     Remote(opendal::Reader),
 }
 
@@ -209,7 +210,7 @@ impl Objects {
                     return Ok(None);
                 };
                 let size = file.metadata().await?.len();
-                Ok(Some((ObjectReader::File(file), size)))
+                Ok(Some((ObjectReader::File(file.into_std().await), size)))
             }
             Objects::S3 { op, .. } => {
                 let Some(meta) = self.stat(key).await? else {
@@ -262,12 +263,7 @@ impl ObjectReader {
         end: u64,
     ) -> io::Result<BoxStream<'static, io::Result<Bytes>>> {
         match self {
-            ObjectReader::File(mut file) => {
-                use tokio::io::AsyncSeekExt;
-                file.seek(io::SeekFrom::Start(start)).await?;
-                let limited = file.take(end - start);
-                Ok(tokio_util::io::ReaderStream::with_capacity(limited, 256 * 1024).boxed())
-            }
+            ObjectReader::File(file) => Ok(file_reads::stream(file, start, end).boxed()),
             ObjectReader::Remote(reader) => {
                 let stream = reader
                     .into_bytes_stream(start..end)

@@ -1,0 +1,106 @@
+//! Reading local files from async code without a thread hop per chunk.
+//! Bytes already in the page cache (nearly always: a blob written moments
+//! ago, or a layer pulled often) are copied right here, which costs less
+//! than waking a blocking thread; only a read that would wait for the disk
+//! goes to the blocking pool.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use rustix::io::{Errno, ReadWriteFlags, preadv2};
+
+/// Bytes read (and handed to the connection) at a time: large enough to
+/// keep syscalls cheap, small enough that a stalled client holds little.
+pub const CHUNK: usize = 256 * 1024;
+
+/// Up to `len` bytes at `pos`; fewer only where the file ends or the page
+/// cache holds fewer. An error if the file ends before `pos`.
+pub async fn read_chunk(file: &Arc<std::fs::File>, pos: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(len);
+    let cached = preadv2(
+        file,
+        &mut [io::IoSliceMut::new(&mut buf)],
+        pos,
+        ReadWriteFlags::NOWAIT,
+    );
+    let n = match cached {
+        Ok(n) => n,
+        // Not in the page cache, or a filesystem that cannot tell.
+        Err(Errno::AGAIN | Errno::OPNOTSUPP) => {
+            let file = Arc::clone(file);
+            let (read, n) = tokio::task::spawn_blocking(move || {
+                let n = file.read_at(&mut buf, pos)?;
+                Ok::<_, io::Error>((buf, n))
+            })
+            .await
+            .map_err(io::Error::other)??;
+            buf = read;
+            n
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "file shorter than expected",
+        ));
+    }
+    buf.truncate(n);
+    Ok(buf.freeze())
+}
+
+/// Bytes `start..end` of a file, [`CHUNK`] at a time.
+pub fn stream(
+    file: std::fs::File,
+    start: u64,
+    end: u64,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let file = Arc::new(file);
+    futures_util::stream::try_unfold(start, move |pos| {
+        let file = Arc::clone(&file);
+        async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            let len = (end - pos).min(CHUNK as u64) as usize;
+            let chunk = read_chunk(&file, pos, len).await?;
+            let next = pos + chunk.len() as u64;
+            Ok(Some((chunk, next)))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::TryStreamExt;
+
+    fn temp_file(contents: &[u8]) -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("kura-file-reads-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, contents).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+
+    #[tokio::test]
+    async fn streams_the_requested_range_in_chunks() {
+        let contents: Vec<u8> = (0..CHUNK * 2 + 10).map(|i| i as u8).collect();
+        let chunks: Vec<Bytes> = stream(temp_file(&contents), 5, contents.len() as u64 - 3)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(chunks.concat(), contents[5..contents.len() - 3]);
+    }
+
+    #[tokio::test]
+    async fn a_file_shorter_than_promised_is_an_error() {
+        let file = temp_file(b"short");
+        let err = stream(file, 0, 100).try_collect::<Vec<_>>().await;
+        assert_eq!(err.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
