@@ -60,6 +60,9 @@ struct Download {
 #[derive(Default)]
 pub struct Downloads {
     in_flight: Mutex<HashMap<Digest, Arc<Download>>>,
+    /// Downloads committed so far: a request that found its blob missing
+    /// learns from this whether one may have landed since it looked.
+    committed: AtomicU64,
 }
 
 /// A blob's size as far as known without downloading it.
@@ -144,6 +147,7 @@ impl Cache {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<BlobBody, ApiError> {
+        let committed_before = self.downloads.committed.load(Ordering::Acquire);
         if let Some(body) = self.open_committed(digest).await? {
             return Ok(body);
         }
@@ -154,16 +158,21 @@ impl Cache {
                     metrics().coalesced_waiters.inc();
                     download.clone()
                 }
-                // Re-checked under the lock: a download that finished since
-                // the first check committed the blob before leaving the map.
-                None => match self.open_committed(digest).await? {
-                    Some(body) => return Ok(body),
-                    None => {
-                        let download = self.start_download(name, digest).await?;
-                        in_flight.insert(digest.clone(), download.clone());
-                        download
+                None => {
+                    // A download that finished since the first check
+                    // committed the blob before leaving the map. Storage is
+                    // asked again (under the lock every cold open takes, so
+                    // on S3 a round trip that holds up the others) only if
+                    // some download committed meanwhile.
+                    if self.downloads.committed.load(Ordering::Acquire) != committed_before
+                        && let Some(body) = self.open_committed(digest).await?
+                    {
+                        return Ok(body);
                     }
-                },
+                    let download = self.start_download(name, digest).await?;
+                    in_flight.insert(digest.clone(), download.clone());
+                    download
+                }
             }
         };
         self.follow(&download, name, digest).await
@@ -214,6 +223,9 @@ impl Cache {
                     Progress::Failed(err)
                 }
             };
+            if matches!(final_state, Progress::Complete { .. }) {
+                this.downloads.committed.fetch_add(1, Ordering::Release);
+            }
             progress_tx.send_replace(final_state);
             this.downloads.in_flight.lock().await.remove(&digest);
         });
