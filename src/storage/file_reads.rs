@@ -28,8 +28,9 @@ pub async fn read_chunk(file: &Arc<std::fs::File>, pos: u64, len: usize) -> io::
     );
     let n = match cached {
         Ok(n) => n,
-        // Not in the page cache, or a filesystem that cannot tell.
-        Err(Errno::AGAIN | Errno::OPNOTSUPP) => {
+        // Not in the page cache; or a filesystem, kernel or sandbox that
+        // cannot tell (the plain read then says what is really wrong).
+        Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => {
             let file = Arc::clone(file);
             let (read, n) = tokio::task::spawn_blocking(move || {
                 let n = file.read_at(&mut buf, pos)?;
@@ -95,6 +96,21 @@ mod tests {
             .unwrap();
         assert_eq!(chunks.len(), 3);
         assert_eq!(chunks.concat(), contents[5..contents.len() - 3]);
+    }
+
+    #[tokio::test]
+    async fn bytes_not_in_the_page_cache_are_read_on_the_blocking_pool() {
+        use rustix::fs::{Advice, fadvise};
+        let contents: Vec<u8> = (0..CHUNK + 7).map(|i| (i % 251) as u8).collect();
+        let file = temp_file(&contents);
+        file.sync_all().unwrap();
+        // Clean pages can be dropped; RWF_NOWAIT then finds nothing cached.
+        fadvise(&file, 0, None, Advice::DontNeed).unwrap();
+        let chunks: Vec<Bytes> = stream(file, 0, contents.len() as u64)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(chunks.concat(), contents);
     }
 
     #[tokio::test]
