@@ -24,9 +24,19 @@ use tokio::io::AsyncReadExt;
 use super::file_reads;
 use crate::config::S3Config;
 
-/// Part size for multipart uploads (S3's minimum is 5 MiB): memory per
-/// upload stays at about two parts.
-const UPLOAD_PART: usize = 8 << 20;
+/// S3's smallest multipart part (all but the last), and its most parts.
+const MIN_PART: u64 = 5 << 20;
+const MAX_PARTS: u64 = 10_000;
+
+/// Part size for uploading an object of this size: the smallest S3 takes,
+/// since an upload holds about three parts in memory (the one being read,
+/// the one OpenDAL queues and the one in flight); larger only where 10,000
+/// of them would not hold the object.
+fn part_size(size: u64) -> usize {
+    const MIB: u64 = 1 << 20;
+    let needed = size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+    needed.max(MIN_PART) as usize
+}
 
 #[derive(Clone)]
 pub enum Objects {
@@ -297,16 +307,17 @@ fn s3_transport() -> io::Result<ReqwestTransport> {
 
 async fn upload(op: &Operator, local: &Path, key: &str) -> io::Result<()> {
     let mut file = fs::File::open(local).await?;
+    let part_size = part_size(file.metadata().await?.len());
     let mut writer = op
         .writer_with(key)
-        .chunk(UPLOAD_PART)
+        .chunk(part_size)
         .await
         .map_err(io::Error::from)?;
     loop {
         // A fresh part each time, handed over without a copy.
-        let mut part = Vec::with_capacity(UPLOAD_PART);
+        let mut part = Vec::with_capacity(part_size);
         let n = (&mut file)
-            .take(UPLOAD_PART as u64)
+            .take(part_size as u64)
             .read_to_end(&mut part)
             .await?;
         if n == 0 {
@@ -371,4 +382,20 @@ async fn rename_into_place(from: &Path, to: &Path) -> io::Result<()> {
         let _ = fs::remove_file(from).await;
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_as_small_as_s3_allows_and_never_too_many() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(part_size(0), 5 << 20);
+        assert_eq!(part_size(512 * MIB), 5 << 20);
+        assert_eq!(part_size(MIN_PART * MAX_PARTS), 5 << 20);
+        let huge = 100 * 1024 * MIB;
+        assert_eq!(part_size(huge), 11 << 20);
+        assert!(huge.div_ceil(part_size(huge) as u64) <= MAX_PARTS);
+    }
 }
