@@ -215,12 +215,17 @@ impl Objects {
     pub async fn open(&self, key: &str) -> io::Result<Option<(ObjectReader, u64)>> {
         match self {
             Objects::Fs { root } => {
-                let Some(file) = not_found_as_none(fs::File::open(Self::path(root, key)).await)?
-                else {
-                    return Ok(None);
-                };
-                let size = file.metadata().await?.len();
-                Ok(Some((ObjectReader::File(file.into_std().await), size)))
+                // One trip to the blocking pool for open and size: this is
+                // every warm blob GET.
+                let path = Self::path(root, key);
+                let opened = tokio::task::spawn_blocking(move || {
+                    let file = std::fs::File::open(path)?;
+                    let size = file.metadata()?.len();
+                    Ok((file, size))
+                })
+                .await
+                .map_err(io::Error::other)?;
+                Ok(not_found_as_none(opened)?.map(|(file, size)| (ObjectReader::File(file), size)))
             }
             Objects::S3 { op, .. } => {
                 let Some(meta) = self.stat(key).await? else {
