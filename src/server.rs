@@ -65,6 +65,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(serve_plain(listener, debug, handle.clone()));
     }
     tokio::spawn(track_storage_usage(storage.clone()));
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(release_free_heap());
     tokio::spawn(collect_garbage(
         storage.clone(),
@@ -187,11 +188,11 @@ async fn track_storage_usage(storage: Storage) {
 /// its arenas, where it stays resident long after; `malloc_trim` returns
 /// it, in well under a millisecond for a heap this size. Other C libraries
 /// (musl) have no such call and give memory back on their own.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 async fn release_free_heap() {
     let mut ticks = tokio::time::interval(Duration::from_secs(10));
     loop {
         ticks.tick().await;
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim only walks glibc's own arenas under their locks.
         unsafe {
             libc::malloc_trim(0);
