@@ -53,6 +53,13 @@ pub struct UpstreamStatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlotLabels {
+    pub upstream: String,
+    /// `metadata` (manifests, HEADs, tag lists) or `body` (blob bodies).
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -69,6 +76,8 @@ pub struct Metrics {
     pub upstream_up: Family<UpstreamLabels, Gauge>,
     pub token_fetches: Family<UpstreamLabels, Counter>,
     pub downloads_in_flight: Gauge,
+    pub downloads_waiting: Gauge,
+    pub upstream_slots_in_use: Family<SlotLabels, Gauge>,
     pub download_failures: Family<ReasonLabels, Counter>,
     pub storage_bytes: Gauge,
     pub storage_objects: Gauge,
@@ -100,6 +109,8 @@ impl Metrics {
             upstream_up: Family::default(),
             token_fetches: Family::default(),
             downloads_in_flight: Gauge::default(),
+            downloads_waiting: Gauge::default(),
+            upstream_slots_in_use: Family::default(),
             download_failures: Family::default(),
             storage_bytes: Gauge::default(),
             storage_objects: Gauge::default(),
@@ -157,6 +168,16 @@ impl Metrics {
             "downloads_in_flight",
             "Blob downloads currently running",
             metrics.downloads_in_flight.clone(),
+        );
+        r.register(
+            "downloads_waiting",
+            "Blob downloads waiting for a turn (cache.maxdownloads)",
+            metrics.downloads_waiting.clone(),
+        );
+        r.register(
+            "upstream_slots_in_use",
+            "Upstream connection slots held, by upstream and kind",
+            metrics.upstream_slots_in_use.clone(),
         );
         r.register(
             "download_failures",

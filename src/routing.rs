@@ -124,7 +124,13 @@ mod tests {
             ..crate::config::builtin_defaults()
         };
         let storage = Storage::local(std::path::Path::new("/nonexistent"));
-        let cache = Cache::new(storage, Upstream::new(&config).unwrap(), config.tag_ttl);
+        let admission = crate::cache::Admission::new(1, std::time::Duration::from_secs(1));
+        let cache = Cache::new(
+            storage,
+            Upstream::new(&config).unwrap(),
+            config.tag_ttl,
+            admission,
+        );
         (Arc::new(cache), config.aliases())
     }
 

@@ -15,7 +15,7 @@ use hyper_util::server::conn::auto::Builder;
 
 use crate::api::access::Htpasswd;
 use crate::api::{ApiOptions, ops_router, router};
-use crate::cache::Cache;
+use crate::cache::{Admission, Cache};
 use crate::config::{Config, UpstreamConfig};
 use crate::gc;
 use crate::metrics::metrics;
@@ -27,6 +27,7 @@ use crate::upstream::Upstream;
 const USAGE_INTERVAL: Duration = Duration::from_secs(60);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    raise_open_file_limit();
     for key in &config.ignored_keys {
         tracing::info!(
             key,
@@ -39,7 +40,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.storage_root.display()
         )
     })?;
-    let registries = Arc::new(build_registries(&config, &storage)?);
+    let (registries, admission) = build_registries(&config, &storage)?;
+    let registries = Arc::new(registries);
     let htpasswd = config
         .htpasswd
         .as_ref()
@@ -101,11 +103,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => serve_plain(listener, app, handle).await,
     };
-    // Downloads cut short by the shutdown can never be committed.
+    // Clients were released when their bytes were verified; give those
+    // downloads the drain time to commit. What is cut short can never be.
+    if tokio::time::timeout(config.http.drain_timeout, admission.settled())
+        .await
+        .is_err()
+    {
+        tracing::warn!("downloads still running at shutdown; abandoned");
+    }
     if let Err(e) = storage.clear_staging().await {
         tracing::warn!(error = %e, "cannot clear staging on shutdown");
     }
     served.context("http server failed")
+}
+
+/// Lifts the soft limit on open files to the hard limit, as Go programs
+/// (Distribution among them) do at startup: every client connection,
+/// upstream connection and staging file is a descriptor, and the usual
+/// soft limit of 1,024 is below what a busy cache holds; its own bounds
+/// (connections, downloads) keep it well under the hard limit.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            ..limit
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open file limit");
+        }
+    }
 }
 
 fn bind(key: &str, addr: &str) -> anyhow::Result<std::net::TcpListener> {
@@ -131,32 +159,45 @@ fn bound_connection_buffers(builder: &mut Builder<TokioExecutor>) {
     builder.http1().max_buf_size(64 * 1024);
 }
 
-pub(crate) fn build_registries(config: &Config, storage: &Storage) -> anyhow::Result<Registries> {
+/// One cache per upstream, and the download admission they share.
+pub(crate) fn build_registries(
+    config: &Config,
+    storage: &Storage,
+) -> anyhow::Result<(Registries, Admission)> {
+    // One admission for every upstream: downloads share the disk, the
+    // memory and the blocking pool whichever registry they come from.
+    let admission = Admission::new(config.cache.max_downloads, config.cache.download_wait);
     let default = config
         .default_upstream
         .as_ref()
-        .map(|upstream| cache_for(upstream, storage.clone()))
+        .map(|upstream| cache_for(upstream, storage.clone(), &admission))
         .transpose()?;
     let named = config
         .upstreams
         .iter()
         .map(|upstream| {
             let name = upstream.name.as_deref().expect("list entries are named");
-            cache_for(upstream, storage.namespaced(name))
+            cache_for(upstream, storage.namespaced(name), &admission)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Registries::new(default, named))
+    Ok((Registries::new(default, named), admission))
 }
 
 fn cache_for(
     upstream: &UpstreamConfig,
     storage: Storage,
+    admission: &Admission,
 ) -> anyhow::Result<(Arc<Cache>, Vec<String>)> {
     let label = upstream.name.as_deref().unwrap_or("proxy");
     let client = Upstream::new(upstream)
         .with_context(|| format!("{label}: cannot build upstream client"))?;
     tracing::info!(registry = label, url = %upstream.url, tagttl = ?upstream.tag_ttl, "upstream configured");
-    let cache = Arc::new(Cache::new(storage, client, upstream.tag_ttl));
+    let cache = Arc::new(Cache::new(
+        storage,
+        client,
+        upstream.tag_ttl,
+        admission.clone(),
+    ));
     Ok((cache, upstream.aliases()))
 }
 

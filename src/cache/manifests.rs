@@ -62,6 +62,7 @@ impl Cache {
                 Ok(manifest)
             })
             .await
+            .unwrap_or_else(|| Err(fetch_overran()))
     }
 
     async fn manifest_by_tag(
@@ -82,12 +83,19 @@ impl Cache {
         }
         let this = self.clone();
         let key = (name.clone(), tag.clone());
-        let (name, tag) = key.clone();
-        self.tag_flights
+        let (flight_name, flight_tag) = key.clone();
+        let flight_link = link.clone();
+        let revalidated = self
+            .tag_flights
             .run(key, move || async move {
-                this.revalidate_tag(&name, &tag, link).await
+                this.revalidate_tag(&flight_name, &flight_tag, flight_link)
+                    .await
             })
-            .await
+            .await;
+        match revalidated {
+            Some(result) => result,
+            None => self.serve_stale(name, tag, link, fetch_overran()).await,
+        }
     }
 
     fn is_fresh(&self, link: &TagLink) -> bool {
@@ -235,6 +243,15 @@ fn embedded_media_type(bytes: &[u8]) -> Option<String> {
         media_type: Option<String>,
     }
     serde_json::from_slice::<Probe>(bytes).ok()?.media_type
+}
+
+/// A shared upstream fetch that ran past its deadline (see
+/// [`crate::upstream::Upstream::fetch_deadline`]).
+fn fetch_overran() -> ApiError {
+    ApiError::new(
+        ErrorCode::Unavailable,
+        "upstream registry too slow and content not cached",
+    )
 }
 
 fn bad_upstream_digest(name: &RepoName, reference: &str) -> ApiError {

@@ -7,6 +7,8 @@
 //! - [`tags`]: tag lists, from upstream or from what is cached.
 
 pub mod blobs;
+pub mod download;
+mod follower;
 pub mod manifests;
 pub mod singleflight;
 pub mod tags;
@@ -19,6 +21,7 @@ use crate::storage::Storage;
 use crate::upstream::{Upstream, UpstreamError};
 
 pub use blobs::{BlobBody, BlobStat};
+pub use download::Admission;
 pub use manifests::Manifest;
 
 pub struct Cache {
@@ -27,18 +30,23 @@ pub struct Cache {
     tag_ttl: Duration,
     tag_flights: singleflight::Flights<(RepoName, Tag), Result<Manifest, ApiError>>,
     digest_flights: singleflight::Flights<(RepoName, Digest), Result<Manifest, ApiError>>,
-    downloads: blobs::Downloads,
+    downloads: download::Downloads,
 }
 
 impl Cache {
-    pub fn new(storage: Storage, upstream: Upstream, tag_ttl: Duration) -> Self {
+    pub fn new(
+        storage: Storage,
+        upstream: Upstream,
+        tag_ttl: Duration,
+        admission: Admission,
+    ) -> Self {
         Self {
+            tag_flights: singleflight::Flights::new(upstream.fetch_deadline()),
+            digest_flights: singleflight::Flights::new(upstream.fetch_deadline()),
+            downloads: download::Downloads::new(admission),
             storage,
             upstream,
             tag_ttl,
-            tag_flights: Default::default(),
-            digest_flights: Default::default(),
-            downloads: Default::default(),
         }
     }
 }
@@ -59,6 +67,15 @@ fn upstream_error(err: &UpstreamError, not_found: ErrorCode) -> ApiError {
             ApiError::new(
                 ErrorCode::Unavailable,
                 "upstream registry unreachable and content not cached",
+            )
+        }
+        UpstreamError::Unusable(reason) => {
+            tracing::warn!(%reason, "upstream answer refused");
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "upstream registry sent an unusable answer ({reason}) and content not cached"
+                ),
             )
         }
         UpstreamError::Status {

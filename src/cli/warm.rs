@@ -24,7 +24,7 @@ pub async fn warm(
             config.storage_root.display()
         )
     })?;
-    let registries = crate::server::build_registries(&config, &storage)?;
+    let (registries, downloads) = crate::server::build_registries(&config, &storage)?;
     for image in &images {
         let (name, reference) = split_image(image)?;
         let routed = registries
@@ -39,6 +39,8 @@ pub async fn warm(
             .await
             .with_context(|| format!("warming {image}"))?;
     }
+    // The last blob was read once verified; its commit may still run.
+    downloads.settled().await;
     Ok(())
 }
 

@@ -39,6 +39,8 @@ impl Config {
         let mut cache = map([
             ("gcinterval", duration(self.cache.gc_interval)),
             ("gcgrace", duration(self.cache.gc_grace)),
+            ("maxdownloads", Value::from(self.cache.max_downloads)),
+            ("downloadwait", duration(self.cache.download_wait)),
         ]);
         if let Some(max) = self.cache.max_size {
             cache.insert("maxsize".into(), Value::from(max));

@@ -85,6 +85,11 @@ pub struct CacheConfig {
     pub gc_interval: Duration,
     /// `cache.gcgrace`: content used this recently is never evicted.
     pub gc_grace: Duration,
+    /// `cache.maxdownloads`: blob downloads running at once, process-wide.
+    pub max_downloads: usize,
+    /// `cache.downloadwait`: how long a request waits for a download turn
+    /// before it is answered 503 with `Retry-After`.
+    pub download_wait: Duration,
 }
 
 /// The rest of Distribution's `http:` section.
@@ -256,6 +261,10 @@ impl Config {
                 gc_grace: keys
                     .duration("cache.gcgrace")?
                     .unwrap_or(Duration::from_secs(600)),
+                max_downloads: keys.count("cache.maxdownloads")?.unwrap_or(16),
+                download_wait: keys
+                    .duration("cache.downloadwait")?
+                    .unwrap_or(Duration::from_secs(30)),
             },
             htpasswd: read_htpasswd(keys)?,
             ignored_keys: ignored_in_list,

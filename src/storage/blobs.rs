@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
-use tokio::fs::{self, File};
+use tokio::fs::File;
 
 use super::Storage;
 use super::objects::ObjectReader;
@@ -134,10 +134,11 @@ impl Storage {
             storage: self.clone(),
             path,
             file: Some(file),
-            hasher: Some(HashWorker::start()),
+            hash: Hashing::Idle(Sha256::new()),
             pending: BytesMut::new(),
             spent: VecDeque::new(),
             received: 0,
+            committed: false,
         })
     }
 }
@@ -150,65 +151,67 @@ const WRITE_BATCH: usize = 1 << 20;
 /// Written batches a download keeps to reuse their memory once nothing
 /// else (hashing, followers) holds them; older ones are let go, so memory
 /// a slow client held returns once it is done with it. More than the
-/// batches the cache keeps for followers, or none would ever be free.
+/// batches the cache keeps for followers plus the one being hashed, or
+/// none would ever be free.
 const SPENT_BATCHES: usize = 8;
 
-/// Batches waiting to be hashed at most; a slow hash slows the download
-/// rather than filling memory.
-const HASH_QUEUE: usize = 4;
-
-/// A blocking thread that hashes the batches it is fed, in order.
-struct HashWorker {
-    batches: tokio::sync::mpsc::Sender<Bytes>,
-    digest: tokio::sync::oneshot::Receiver<Digest>,
-}
-
-impl HashWorker {
-    fn start() -> Self {
-        let (batches, mut queue) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
-        let (answer, digest) = tokio::sync::oneshot::channel();
-        tokio::task::spawn_blocking(move || {
-            let mut hasher = Sha256::new();
-            while let Some(batch) = queue.blocking_recv() {
-                hasher.update(&batch);
-            }
-            let _ = answer.send(Digest::from_sha256(hasher.finalize().as_slice()));
-        });
-        Self { batches, digest }
-    }
-
-    async fn feed(&self, batch: Bytes) -> io::Result<()> {
-        self.batches
-            .send(batch)
-            .await
-            .map_err(|_| io::Error::other("hash worker stopped"))
-    }
-
-    async fn finish(self) -> io::Result<Digest> {
-        drop(self.batches);
-        self.digest
-            .await
-            .map_err(|_| io::Error::other("hash worker stopped"))
-    }
-}
-
-/// A blob being downloaded into staging. Dropping it without
-/// [`StagedBlob::commit`] leaves a staging file that [`StagedBlob::discard`]
-/// or the next startup removes; it can never be served as a committed blob.
+/// A blob being downloaded into staging. Its file is removed when it is
+/// dropped without [`StagedBlob::commit`], on every path (failure,
+/// cancellation, panic), so it can never be served as a committed blob.
 pub struct StagedBlob {
     storage: Storage,
     path: PathBuf,
     /// The staging file, moved into each blocking write.
     file: Option<std::fs::File>,
-    /// Hashing runs beside the writes, on its own blocking thread, so
-    /// followers never wait for it; it answers the digest at the end.
-    hasher: Option<HashWorker>,
+    hash: Hashing,
     pending: BytesMut,
     /// Batches already written, oldest first: their buffers are reused, so
     /// a download cycles through a few hot MiB instead of faulting in
     /// fresh memory for every batch.
     spent: VecDeque<Bytes>,
     received: u64,
+    /// Renamed or uploaded: nothing left to remove.
+    committed: bool,
+}
+
+/// The running sha256 of a download. Each written batch is hashed by one
+/// short task on the blocking pool while the next batch arrives; no task
+/// ever waits for another, so a burst of downloads can queue for blocking
+/// threads but never deadlock them.
+enum Hashing {
+    Idle(Sha256),
+    Busy(tokio::task::JoinHandle<Sha256>),
+    Done(Digest),
+}
+
+impl Hashing {
+    /// The hasher, once the batch before has been hashed.
+    async fn ready(&mut self) -> io::Result<Sha256> {
+        let idle = std::mem::replace(self, Hashing::Idle(Sha256::new()));
+        match idle {
+            Hashing::Idle(hasher) => Ok(hasher),
+            Hashing::Busy(task) => task.await.map_err(io::Error::other),
+            Hashing::Done(_) => Err(io::Error::other("blob already hashed")),
+        }
+    }
+
+    async fn feed(&mut self, batch: Bytes) -> io::Result<()> {
+        let mut hasher = self.ready().await?;
+        *self = Hashing::Busy(tokio::task::spawn_blocking(move || {
+            hasher.update(&batch);
+            hasher
+        }));
+        Ok(())
+    }
+
+    async fn digest(&mut self) -> io::Result<Digest> {
+        if let Hashing::Done(digest) = self {
+            return Ok(digest.clone());
+        }
+        let digest = Digest::from_sha256(self.ready().await?.finalize().as_slice());
+        *self = Hashing::Done(digest.clone());
+        Ok(digest)
+    }
 }
 
 impl StagedBlob {
@@ -312,38 +315,42 @@ impl StagedBlob {
         .await
         .map_err(io::Error::other)??;
         self.file = Some(file);
-        self.hasher
-            .as_ref()
-            .ok_or_else(|| io::Error::other("hash already taken"))?
-            .feed(batch.clone())
-            .await?;
+        self.hash.feed(batch.clone()).await?;
         Ok(Some(batch))
+    }
+
+    /// Writes what is pending and answers the digest of everything
+    /// received; nothing more can be written after.
+    pub async fn finish(&mut self) -> io::Result<Digest> {
+        self.flush().await?;
+        self.hash.digest().await
     }
 
     /// Verifies the digest and commits the blob to content-addressed
     /// storage. On mismatch the staging file is removed.
     pub async fn commit(mut self, expected: &Digest) -> Result<(), CommitError> {
-        self.flush().await?;
-        let hasher = self
-            .hasher
-            .take()
-            .ok_or_else(|| io::Error::other("hash already taken"))?;
-        let actual = hasher.finish().await?;
+        let actual = self.finish().await?;
         if &actual != expected {
-            self.discard().await;
             return Err(CommitError::DigestMismatch {
                 expected: expected.clone(),
                 actual,
             });
         }
+        // Whatever becomes of it now, the commit owns the file: a failed
+        // rename or upload removes it itself.
+        self.committed = true;
         self.storage
             .objects
             .commit_file(&self.path, &blob_key(expected))
             .await?;
         Ok(())
     }
+}
 
-    pub async fn discard(self) {
-        let _ = fs::remove_file(&self.path).await;
+impl Drop for StagedBlob {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }

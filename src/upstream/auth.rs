@@ -22,6 +22,9 @@ use crate::metrics::{UpstreamLabels, metrics};
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// Renew this long before expiry so a token never dies in flight.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+/// Tokens kept at most (one per repository scope): a client naming
+/// endless repositories must not grow the cache without bound.
+const MAX_CACHED_TOKENS: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct Credentials {
@@ -47,6 +50,57 @@ pub enum Scheme {
 struct CachedToken {
     header: HeaderValue,
     renew_at: Instant,
+    last_used: Instant,
+}
+
+/// Tokens by scope: at most [`MAX_CACHED_TOKENS`], expired ones dropped
+/// first, then the least recently used.
+#[derive(Default)]
+struct TokenCache(HashMap<String, CachedToken>);
+
+impl TokenCache {
+    fn get(&mut self, scope: &str) -> Option<HeaderValue> {
+        let now = Instant::now();
+        let token = self.0.get_mut(scope).filter(|t| now < t.renew_at)?;
+        token.last_used = now;
+        Some(token.header.clone())
+    }
+
+    fn insert(&mut self, scope: &str, header: HeaderValue, renew_at: Instant) {
+        if self.0.len() >= MAX_CACHED_TOKENS && !self.0.contains_key(scope) {
+            self.make_room();
+        }
+        let last_used = Instant::now();
+        self.0.insert(
+            scope.to_owned(),
+            CachedToken {
+                header,
+                renew_at,
+                last_used,
+            },
+        );
+    }
+
+    /// Drops every expired token, or if none is, the least recently used.
+    fn make_room(&mut self) {
+        let now = Instant::now();
+        self.0.retain(|_, token| now < token.renew_at);
+        if self.0.len() < MAX_CACHED_TOKENS {
+            return;
+        }
+        let oldest = self
+            .0
+            .iter()
+            .min_by_key(|(_, token)| token.last_used)
+            .map(|(scope, _)| scope.clone());
+        if let Some(scope) = oldest {
+            self.0.remove(&scope);
+        }
+    }
+
+    fn remove(&mut self, scope: &str) {
+        self.0.remove(scope);
+    }
 }
 
 pub struct Authenticator {
@@ -56,7 +110,7 @@ pub struct Authenticator {
     credentials: Option<Credentials>,
     token_timeout: Duration,
     scheme: Mutex<Option<Scheme>>,
-    tokens: Mutex<HashMap<String, CachedToken>>,
+    tokens: Mutex<TokenCache>,
 }
 
 #[derive(Deserialize)]
@@ -79,7 +133,7 @@ impl Authenticator {
             credentials,
             token_timeout,
             scheme: Mutex::new(None),
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::default(),
         }
     }
 
@@ -117,11 +171,7 @@ impl Authenticator {
     }
 
     fn cached_token(&self, scope: &str) -> Option<HeaderValue> {
-        let tokens = self.tokens.lock().expect("auth lock");
-        tokens
-            .get(scope)
-            .filter(|t| Instant::now() < t.renew_at)
-            .map(|t| t.header.clone())
+        self.tokens.lock().expect("auth lock").get(scope)
     }
 
     async fn fetch_token(
@@ -156,26 +206,24 @@ impl Authenticator {
             tracing::warn!(status = response.status().as_u16(), realm = %realm, "token request refused");
             return Err(UpstreamError::from_response(response).await);
         }
-        let body: TokenResponse = response
-            .json()
-            .await
-            .map_err(|e| UpstreamError::Unreachable(format!("unreadable token response: {e}")))?;
+        let body =
+            super::read_capped(response, super::MAX_TOKEN_RESPONSE_BYTES, "token response").await?;
+        let body: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| UpstreamError::Unusable(format!("unreadable token response: {e}")))?;
         let token = body
             .token
             .or(body.access_token)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| UpstreamError::Unreachable("token response has no token".into()))?;
+            .ok_or_else(|| UpstreamError::Unusable("token response has no token".into()))?;
         let lifetime = body
             .expires_in
             .map(Duration::from_secs)
             .unwrap_or(DEFAULT_TOKEN_LIFETIME);
         let header = sensitive(format!("Bearer {token}"));
         self.tokens.lock().expect("auth lock").insert(
-            scope.to_owned(),
-            CachedToken {
-                header: header.clone(),
-                renew_at: Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN),
-            },
+            scope,
+            header.clone(),
+            Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN),
         );
         tracing::debug!(scope, "fetched upstream token");
         Ok(header)
@@ -242,6 +290,26 @@ mod tests {
         assert!(parse_scheme("Bearer").is_none());
         assert!(parse_scheme(r#"Bearer realm="file:///etc/passwd""#).is_none());
         assert!(parse_scheme("\u{0}\u{1}==,,").is_none());
+    }
+
+    #[test]
+    fn the_token_cache_stays_bounded_dropping_expired_then_least_recently_used() {
+        let mut cache = TokenCache::default();
+        let later = Instant::now() + Duration::from_secs(3600);
+        let header = || HeaderValue::from_static("Bearer t");
+        cache.insert("expired", header(), Instant::now());
+        cache.insert("first", header(), later);
+        for i in 0..MAX_CACHED_TOKENS * 3 {
+            cache.insert(&format!("repository:r{i}:pull"), header(), later);
+            if i == 10 {
+                assert!(cache.get("first").is_some());
+            }
+            assert!(cache.0.len() <= MAX_CACHED_TOKENS);
+        }
+        assert!(cache.get("expired").is_none());
+        assert!(cache.get("first").is_none(), "least recently used went");
+        let newest = format!("repository:r{}:pull", MAX_CACHED_TOKENS * 3 - 1);
+        assert!(cache.get(&newest).is_some());
     }
 
     #[test]

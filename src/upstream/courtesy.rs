@@ -5,18 +5,50 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::UpstreamError;
+use crate::metrics::{SlotLabels, metrics};
 
 /// Pause used when a 429 carries no `Retry-After`.
 const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause honoured, whatever the upstream asks.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
+/// What an upstream request is for. A blob body can hold its slot for
+/// minutes; everything else for the time of one small answer, and must
+/// not wait behind bodies: a slow rollout of big layers would otherwise
+/// stop every manifest, which every pull starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotKind {
+    /// Manifests, HEADs, tag lists.
+    Metadata,
+    /// Blob bodies.
+    Body,
+}
+
 pub struct Courtesy {
-    slots: Arc<Semaphore>,
+    /// Every upstream request holds one of these (`maxconnections`).
+    any: Arc<Semaphore>,
+    /// Blob bodies also hold one of these: fewer than `any`, so the rest
+    /// of `any` is always left for metadata.
+    bodies: Arc<Semaphore>,
+    in_use: [Gauge; 2],
     paused: Mutex<Option<Pause>>,
+}
+
+/// One of the capped connection slots, returned when dropped.
+pub struct Slot {
+    _any: OwnedSemaphorePermit,
+    _body: Option<OwnedSemaphorePermit>,
+    in_use: Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.in_use.dec();
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -25,10 +57,32 @@ struct Pause {
     status: u16,
 }
 
+/// Slots only metadata may use: a quarter of them, at least one. With a
+/// single connection there is nothing to reserve.
+fn reserved_for_metadata(max_connections: usize) -> usize {
+    match max_connections {
+        0 | 1 => 0,
+        n => (n / 4).max(1),
+    }
+}
+
 impl Courtesy {
-    pub fn new(max_connections: usize) -> Self {
+    /// `label` names the upstream in the slot gauges.
+    pub fn new(max_connections: usize, label: &str) -> Self {
+        let max = max_connections.max(1);
+        let gauge = |kind| {
+            metrics()
+                .upstream_slots_in_use
+                .get_or_create(&SlotLabels {
+                    upstream: label.to_owned(),
+                    kind,
+                })
+                .clone()
+        };
         Self {
-            slots: Arc::new(Semaphore::new(max_connections.max(1))),
+            any: Arc::new(Semaphore::new(max)),
+            bodies: Arc::new(Semaphore::new(max - reserved_for_metadata(max))),
+            in_use: [gauge("metadata"), gauge("body")],
             paused: Mutex::new(None),
         }
     }
@@ -47,10 +101,25 @@ impl Courtesy {
     }
 
     /// One of the capped upstream connection slots, waiting at most `timeout`.
-    pub async fn slot(&self, timeout: Duration) -> Result<OwnedSemaphorePermit, UpstreamError> {
-        let acquire = self.slots.clone().acquire_owned();
+    pub async fn slot(&self, kind: SlotKind, timeout: Duration) -> Result<Slot, UpstreamError> {
+        let acquire = async {
+            let body = match kind {
+                SlotKind::Body => Some(self.bodies.clone().acquire_owned().await.ok()?),
+                SlotKind::Metadata => None,
+            };
+            let any = self.any.clone().acquire_owned().await.ok()?;
+            Some((any, body))
+        };
         match tokio::time::timeout(timeout, acquire).await {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Some((any, body))) => {
+                let in_use = self.in_use[kind as usize].clone();
+                in_use.inc();
+                Ok(Slot {
+                    _any: any,
+                    _body: body,
+                    in_use,
+                })
+            }
             _ => Err(UpstreamError::Unreachable(
                 "all upstream connection slots busy".into(),
             )),
@@ -80,7 +149,7 @@ mod tests {
 
     #[test]
     fn pauses_after_429_for_retry_after() {
-        let courtesy = Courtesy::new(4);
+        let courtesy = Courtesy::new(4, "test-pause");
         assert!(courtesy.check_pause().is_ok());
         courtesy.observe(500, Some(10));
         assert!(courtesy.check_pause().is_ok(), "500 does not pause");
@@ -97,10 +166,28 @@ mod tests {
 
     #[tokio::test]
     async fn slots_are_capped() {
-        let courtesy = Courtesy::new(1);
-        let held = courtesy.slot(Duration::from_millis(10)).await.unwrap();
-        assert!(courtesy.slot(Duration::from_millis(10)).await.is_err());
+        let courtesy = Courtesy::new(1, "test-cap");
+        let wait = Duration::from_millis(10);
+        let held = courtesy.slot(SlotKind::Metadata, wait).await.unwrap();
+        assert!(courtesy.slot(SlotKind::Metadata, wait).await.is_err());
         drop(held);
-        assert!(courtesy.slot(Duration::from_millis(10)).await.is_ok());
+        assert!(courtesy.slot(SlotKind::Body, wait).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn bodies_never_take_the_slots_kept_for_metadata() {
+        let courtesy = Courtesy::new(8, "test-split");
+        let wait = Duration::from_millis(10);
+        let mut bodies = Vec::new();
+        while let Ok(slot) = courtesy.slot(SlotKind::Body, wait).await {
+            bodies.push(slot);
+        }
+        assert_eq!(bodies.len(), 6, "a quarter is kept for metadata");
+        let metadata = [
+            courtesy.slot(SlotKind::Metadata, wait).await,
+            courtesy.slot(SlotKind::Metadata, wait).await,
+        ];
+        assert!(metadata.iter().all(Result::is_ok));
+        assert!(courtesy.slot(SlotKind::Metadata, wait).await.is_err());
     }
 }

@@ -13,7 +13,6 @@ use reqwest::header::{
     ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER,
 };
 use reqwest::{Method, Response, StatusCode, Url};
-use tokio::sync::OwnedSemaphorePermit;
 
 use anyhow::Context as _;
 
@@ -21,7 +20,7 @@ use crate::config::UpstreamConfig;
 use crate::metrics::{UpstreamLabels, UpstreamStatusLabels, metrics};
 use crate::reference::{Digest, RepoName};
 use auth::{Authenticator, Credentials};
-use courtesy::Courtesy;
+use courtesy::{Courtesy, Slot, SlotKind};
 
 /// Every manifest media type Kura passes through, so the upstream never
 /// down-converts (e.g. an index to a single-platform manifest).
@@ -39,6 +38,10 @@ pub enum UpstreamError {
     /// No usable answer: connection refused, timeout, reset, garbled body.
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
+    /// The upstream answered, but with something Kura will not use: a
+    /// body over its size cap, a tag list that is not JSON.
+    #[error("unusable upstream answer: {0}")]
+    Unusable(String),
     /// The upstream answered with a non-success status.
     #[error("upstream answered {status}")]
     Status {
@@ -52,6 +55,14 @@ pub enum UpstreamError {
 
 /// Error bodies are small; anything longer is not worth reading.
 const MAX_ERROR_BODY: usize = 64 * 1024;
+/// The largest manifest read from an upstream: Distribution's own limit.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// The largest tag list (one page) read from an upstream: about 300,000
+/// tags of typical length, far beyond any real repository's page.
+const MAX_TAG_LIST_BYTES: usize = 16 << 20;
+/// The largest token response read from a token service (a JWT is a few
+/// KiB; a response this size is not one).
+const MAX_TOKEN_RESPONSE_BYTES: usize = 1 << 20;
 
 impl UpstreamError {
     fn from_transport(err: reqwest::Error) -> Self {
@@ -113,6 +124,7 @@ pub struct Upstream {
     auth: Authenticator,
     docker_hub: bool,
     response_timeout: Duration,
+    idle_timeout: Duration,
     courtesy: Courtesy,
 }
 
@@ -120,7 +132,7 @@ pub struct Upstream {
 /// until it (or its body stream) is dropped.
 pub struct SlottedResponse {
     response: Response,
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
 }
 
 impl SlottedResponse {
@@ -132,12 +144,10 @@ impl SlottedResponse {
         content_length(self.response.headers())
     }
 
-    /// A whole (small) body: manifests, tag lists.
-    async fn bytes(self) -> Result<Bytes, UpstreamError> {
-        self.response
-            .bytes()
-            .await
-            .map_err(UpstreamError::from_transport)
+    /// A whole (small) body: manifests, tag lists; `what` names it in the
+    /// error when it is over `limit`.
+    async fn bytes(self, limit: usize, what: &str) -> Result<Bytes, UpstreamError> {
+        read_capped(self.response, limit, what).await
     }
 
     /// The body as a stream of chunks; the slot is released when it ends.
@@ -186,16 +196,25 @@ impl Upstream {
                 config.response_timeout,
                 label.clone(),
             ),
+            courtesy: Courtesy::new(config.max_connections, &label),
             label,
             http,
             docker_hub,
             response_timeout: config.response_timeout,
-            courtesy: Courtesy::new(config.max_connections),
+            idle_timeout: config.idle_timeout,
         })
     }
 
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// The longest a shared fetch of metadata (a tag revalidation: HEAD,
+    /// then GET) may take: per request a slot wait, a token and the
+    /// response headers, each bounded by the response timeout, then a body
+    /// whose reads are bounded by the idle timeout.
+    pub fn fetch_deadline(&self) -> Duration {
+        4 * self.response_timeout + self.idle_timeout
     }
 
     /// Counts a request; `status` is `None` when no answer came.
@@ -248,7 +267,11 @@ impl Upstream {
         accept: Option<&'static str>,
     ) -> Result<SlottedResponse, UpstreamError> {
         self.courtesy.check_pause()?;
-        let slot = self.courtesy.slot(self.response_timeout).await?;
+        let kind = match (&method, suffix.starts_with("blobs/")) {
+            (&Method::GET, true) => SlotKind::Body,
+            _ => SlotKind::Metadata,
+        };
+        let slot = self.courtesy.slot(kind, self.response_timeout).await?;
         let upstream_name = self.upstream_name(name);
         let url = self.url(&upstream_name, suffix);
         let scope = format!("repository:{upstream_name}:pull");
@@ -317,7 +340,7 @@ impl Upstream {
             .send(Method::GET, name, &suffix, Some(MANIFEST_ACCEPT))
             .await?;
         let meta = manifest_meta(response.headers());
-        let body = response.bytes().await?;
+        let body = response.bytes(MAX_MANIFEST_BYTES, "manifest").await?;
         Ok((meta, body))
     }
 
@@ -356,11 +379,37 @@ impl Upstream {
             format!("tags/list?{query}")
         };
         let response = self.send(Method::GET, name, &suffix, None).await?;
-        let body = response.bytes().await?;
+        let body = response.bytes(MAX_TAG_LIST_BYTES, "tag list").await?;
         let list: TagList = serde_json::from_slice(&body)
-            .map_err(|e| UpstreamError::Unreachable(format!("unreadable tag list: {e}")))?;
+            .map_err(|e| UpstreamError::Unusable(format!("unreadable tag list: {e}")))?;
         Ok(list.tags.unwrap_or_default())
     }
+}
+
+/// A whole body of at most `limit` bytes, refused as soon as it is known
+/// to be larger (by `Content-Length` or by what arrived), so an upstream
+/// cannot make Kura hold an arbitrary amount in memory.
+async fn read_capped(
+    mut response: Response,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, UpstreamError> {
+    let too_large = || UpstreamError::Unusable(format!("{what} larger than {} KiB", limit >> 10));
+    if content_length(response.headers()).is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(UpstreamError::from_transport)?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 fn first_error_code(body: &[u8]) -> Option<String> {

@@ -1,0 +1,467 @@
+//! A shared blob download: one per digest, admitted under a process-wide
+//! limit, running as a task of its own (not inside any client's request),
+//! streaming the upstream body into a local staging file while its
+//! followers ([`super::follower`]) read along.
+//!
+//! Admission comes first and costs nothing but a map entry: no staging
+//! file, no buffers and no blocking thread exist until a download holds a
+//! permit and the upstream has answered. Requests beyond the limit wait a
+//! bounded time, then get 503 with `Retry-After`.
+//!
+//! The last byte of a known-length blob stays unreadable until the digest
+//! is verified, so no client can receive a complete-looking body whose
+//! digest is wrong: on mismatch or truncation its transfer is cut short.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use super::{Cache, storage_error, upstream_error};
+use crate::api::error::{ApiError, ErrorCode};
+use crate::metrics::{ReasonLabels, UpstreamLabels, metrics};
+use crate::reference::{Digest, RepoName};
+use crate::storage::StagedBlob;
+use crate::storage::blobs::CommitError;
+
+/// Written batches a download keeps in memory for its followers (about
+/// 1 MiB each): a client keeping up with the upstream is served from
+/// here, without reading the staging file back.
+const RECENT_BATCHES: usize = 4;
+
+/// How far a shared download has got.
+#[derive(Clone)]
+pub(super) enum Progress {
+    /// Waiting for admission or for the upstream's answer.
+    Connecting,
+    Streaming {
+        staging: Arc<Path>,
+        total: Option<u64>,
+        readable: u64,
+        recent: RecentBatches,
+    },
+    /// Every byte verified; committed unless storing failed, in which case
+    /// the clients already following still read their staging handles.
+    Complete {
+        total: u64,
+    },
+    /// No room to store it: every client streams from upstream itself.
+    PassThrough,
+    Failed(ApiError),
+}
+
+/// What a follower holds of a download: its progress.
+pub(super) type Download = watch::Receiver<Progress>;
+
+/// How many downloads may run at once, process-wide (every upstream's
+/// cache shares one), and how long a request waits for a turn.
+#[derive(Clone)]
+pub struct Admission {
+    permits: Arc<Semaphore>,
+    wait: Duration,
+    /// Download tasks alive (queued, running or committing).
+    live: Arc<watch::Sender<usize>>,
+}
+
+impl Admission {
+    pub fn new(max_downloads: usize, wait: Duration) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_downloads.max(1))),
+            wait,
+            live: Arc::new(watch::Sender::new(0)),
+        }
+    }
+
+    /// Waits until no download task is alive: a client is released when
+    /// its bytes are verified, before they are committed, so a process
+    /// about to exit (`kura warm`, a server shutting down) waits here for
+    /// the commits.
+    pub async fn settled(&self) {
+        let _ = self.live.subscribe().wait_for(|live| *live == 0).await;
+    }
+
+    /// A turn to download, or 503 with `Retry-After` once `wait` is over.
+    async fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        let waiting = GaugeGuard::inc(&metrics().downloads_waiting);
+        let permit = tokio::time::timeout(self.wait, self.permits.clone().acquire_owned()).await;
+        drop(waiting);
+        match permit {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                count_failure("busy");
+                Err(ApiError {
+                    retry_after: Some(self.wait.as_secs().max(1)),
+                    ..ApiError::new(
+                        ErrorCode::Unavailable,
+                        "too many blob downloads in progress; try again",
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// Downloads in flight, by digest.
+pub struct Downloads {
+    in_flight: Mutex<HashMap<Digest, Download>>,
+    /// Downloads committed so far: a request that found its blob missing
+    /// learns from this whether one may have landed since it looked.
+    committed: AtomicU64,
+    admission: Admission,
+}
+
+impl Downloads {
+    pub fn new(admission: Admission) -> Self {
+        Self {
+            in_flight: Mutex::default(),
+            committed: AtomicU64::new(0),
+            admission,
+        }
+    }
+
+    /// A mark to pass to [`Cache::join_or_start_download`].
+    pub(super) fn committed_so_far(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// A live download's size, once the upstream has told it.
+    pub(super) fn live_size(&self, digest: &Digest) -> Option<u64> {
+        let in_flight = self.in_flight.lock().expect("downloads lock");
+        match *in_flight.get(digest)?.borrow() {
+            Progress::Streaming { total, .. } => total,
+            _ => None,
+        }
+    }
+}
+
+impl Cache {
+    /// Joins the download of `digest`, starting it if none runs.
+    /// `committed_before` is [`Downloads::committed_so_far`] from before
+    /// the caller looked in storage.
+    pub(super) fn join_or_start_download(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+        committed_before: u64,
+    ) -> Download {
+        let mut in_flight = self.downloads.in_flight.lock().expect("downloads lock");
+        if let Some(download) = in_flight.get(digest) {
+            metrics().coalesced_waiters.inc();
+            return download.clone();
+        }
+        let (progress_tx, progress) = watch::channel(Progress::Connecting);
+        in_flight.insert(digest.clone(), progress.clone());
+        self.downloads.admission.live.send_modify(|live| *live += 1);
+        let leaves = LeaveOnDrop {
+            cache: Arc::clone(self),
+            digest: digest.clone(),
+        };
+        let (this, name, digest) = (Arc::clone(self), name.clone(), digest.clone());
+        // Spawned, not driven by the requesting client: the cache fills even
+        // if every client disconnects, and the map entry goes when it ends.
+        tokio::spawn(async move {
+            let _leaves = leaves;
+            let outcome = this
+                .download(&name, &digest, committed_before, &progress_tx)
+                .await;
+            let final_state = outcome.unwrap_or_else(|err| {
+                tracing::warn!(%name, %digest, error = %err, "blob download failed; nothing committed");
+                Progress::Failed(err)
+            });
+            progress_tx.send_replace(final_state);
+        });
+        progress
+    }
+
+    async fn download(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        committed_before: u64,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<Progress, ApiError> {
+        let _turn = self.downloads.admission.admit().await?;
+        let _running = GaugeGuard::inc(&metrics().downloads_in_flight);
+        // A download of this digest may have committed it between the
+        // caller's look into storage and this one's start.
+        if self.downloads.committed_so_far() != committed_before
+            && let Some(total) = self
+                .storage
+                .blob_size(digest)
+                .await
+                .map_err(storage_error)?
+        {
+            return Ok(Progress::Complete { total });
+        }
+        let response = self
+            .upstream
+            .get_blob(name, digest)
+            .await
+            .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
+        let total = response.content_length();
+        let mut staged = self.storage.stage_blob().await.map_err(storage_failed)?;
+        if let Some(total) = total
+            && !self.room_for(&mut staged, total).await?
+        {
+            warn_disk_full(total);
+            return Ok(Progress::PassThrough);
+        }
+        progress.send_replace(Progress::Streaming {
+            staging: staged.path().into(),
+            total,
+            readable: 0,
+            recent: RecentBatches::default(),
+        });
+        self.stream_to_staging(response, total, &mut staged, progress)
+            .await?;
+        let received = staged.received();
+        self.verify_and_commit(digest, staged, progress).await?;
+        tracing::info!(%name, %digest, bytes = received, "blob cached");
+        Ok(Progress::Complete { total: received })
+    }
+
+    async fn stream_to_staging(
+        &self,
+        response: crate::upstream::SlottedResponse,
+        total: Option<u64>,
+        staged: &mut StagedBlob,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<(), ApiError> {
+        let fetched = metrics()
+            .upstream_bytes_fetched
+            .get_or_create_owned(&UpstreamLabels {
+                upstream: self.upstream.label().to_owned(),
+            });
+        let mut body = response.into_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                count_failure("transfer");
+                transfer_failed(format!("upstream transfer failed: {e}"))
+            })?;
+            fetched.inc_by(chunk.len() as u64);
+            if total.is_some_and(|total| staged.received() + chunk.len() as u64 > total) {
+                count_failure("overlong");
+                return Err(transfer_failed(
+                    "upstream sent more than its Content-Length".into(),
+                ));
+            }
+            let batch = staged.write(&chunk).await.map_err(storage_failed)?;
+            publish(progress, staged, batch);
+        }
+        if total.is_some_and(|total| staged.received() != total) {
+            count_failure("truncated");
+            return Err(transfer_failed(
+                "upstream body shorter than its Content-Length".into(),
+            ));
+        }
+        let batch = staged.flush().await.map_err(storage_failed)?;
+        publish(progress, staged, batch);
+        Ok(())
+    }
+
+    /// Checks the digest, releases the held-back last byte to followers as
+    /// soon as it matches, then commits. Bytes that were verified reach
+    /// every follower even if storing them fails (disk full): only the
+    /// cache misses out.
+    async fn verify_and_commit(
+        &self,
+        digest: &Digest,
+        mut staged: StagedBlob,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<(), ApiError> {
+        let actual = staged.finish().await.map_err(storage_failed)?;
+        if &actual != digest {
+            count_failure("digest_mismatch");
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!("upstream blob rejected: content digest {actual} does not match"),
+            ));
+        }
+        let verified = staged.written();
+        progress.send_modify(|state| {
+            if let Progress::Streaming { readable, .. } = state {
+                *readable = verified;
+            }
+        });
+        match staged.commit(digest).await {
+            Ok(()) => {
+                self.downloads.committed.fetch_add(1, Ordering::Release);
+            }
+            Err(CommitError::DigestMismatch { .. }) => unreachable!("verified above"),
+            Err(CommitError::Io(e)) => {
+                count_failure("storage");
+                tracing::warn!(%digest, error = %e, "verified blob served but not stored");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a blob of this size fits, keeping the storage's margin; the
+    /// space is then claimed for it.
+    async fn room_for(&self, staged: &mut StagedBlob, size: u64) -> Result<bool, ApiError> {
+        Ok(self.storage.has_room_for(size)
+            && staged.preallocate(size).await.map_err(storage_failed)?)
+    }
+}
+
+/// Removes a download's map entry when its task ends, however it ends,
+/// and counts it out of the live downloads.
+struct LeaveOnDrop {
+    cache: Arc<Cache>,
+    digest: Digest,
+}
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        let downloads = &self.cache.downloads;
+        if let Ok(mut in_flight) = downloads.in_flight.lock() {
+            in_flight.remove(&self.digest);
+        }
+        downloads.admission.live.send_modify(|live| *live -= 1);
+    }
+}
+
+/// A gauge raised while this lives.
+struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl GaugeGuard {
+    fn inc(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Makes a batch just written readable to followers (all but the last
+/// byte of a known-length blob, which waits for verification).
+fn publish(progress: &watch::Sender<Progress>, staged: &StagedBlob, batch: Option<Bytes>) {
+    let Some(batch) = batch else { return };
+    progress.send_modify(|state| {
+        if let Progress::Streaming {
+            total,
+            readable,
+            recent,
+            ..
+        } = state
+        {
+            *readable = readable_before_verification(staged.written(), *total);
+            recent.push(staged.written() - batch.len() as u64, batch);
+        }
+    });
+}
+
+fn storage_failed(err: std::io::Error) -> ApiError {
+    count_failure("storage");
+    storage_error(err)
+}
+
+/// The newest written batches of a download, by offset, oldest first.
+#[derive(Clone, Default)]
+pub(super) struct RecentBatches(std::collections::VecDeque<(u64, Bytes)>);
+
+impl RecentBatches {
+    fn push(&mut self, start: u64, batch: Bytes) {
+        if self.0.len() == RECENT_BATCHES {
+            self.0.pop_front();
+        }
+        self.0.push_back((start, batch));
+    }
+
+    /// The bytes from `pos` up to `limit` (exclusive) that are still held,
+    /// as a view into the batch that holds `pos`.
+    pub(super) fn slice(&self, pos: u64, limit: u64) -> Option<Bytes> {
+        let (start, batch) = self
+            .0
+            .iter()
+            .find(|(start, batch)| (*start..*start + batch.len() as u64).contains(&pos))?;
+        let from = (pos - start) as usize;
+        let to = limit.saturating_sub(*start).min(batch.len() as u64) as usize;
+        (from < to).then(|| batch.slice(from..to))
+    }
+}
+
+fn count_failure(reason: &'static str) {
+    metrics()
+        .download_failures
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
+}
+
+/// How much of a download followers may read before its digest is checked:
+/// with a known length, everything but the last byte, so no client can
+/// receive a complete-looking body that turns out wrong. (Without a length
+/// there is nothing to mistake: a failed transfer ends without the final
+/// chunk of chunked encoding.)
+fn readable_before_verification(written: u64, total: Option<u64>) -> u64 {
+    match total {
+        Some(total) => written.min(total.saturating_sub(1)),
+        None => written,
+    }
+}
+
+/// Logs a full disk at most once a minute: every cold pull would report it.
+fn warn_disk_full(size: u64) {
+    static LAST_LOGGED: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_LOGGED.load(Ordering::Relaxed);
+    if now >= last + 60
+        && LAST_LOGGED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            blob_bytes = size,
+            "storage full: passing blobs through without caching"
+        );
+    }
+}
+
+fn transfer_failed(message: String) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_batches_serve_views_of_the_newest_batches() {
+        let mut recent = RecentBatches::default();
+        for i in 0..(RECENT_BATCHES as u64 + 1) {
+            recent.push(i * 4, Bytes::from(vec![i as u8; 4]));
+        }
+        assert_eq!(recent.slice(0, 100), None, "the oldest batch was let go");
+        assert_eq!(recent.slice(5, 100).unwrap(), vec![1u8; 3]);
+        assert_eq!(
+            recent.slice(9, 11).unwrap(),
+            vec![2u8; 2],
+            "capped at the limit"
+        );
+        assert_eq!(recent.slice(9, 9), None, "nothing readable yet");
+        let past_the_end = 4 * (RECENT_BATCHES as u64 + 1);
+        assert_eq!(recent.slice(past_the_end, past_the_end + 10), None);
+    }
+
+    #[tokio::test]
+    async fn admission_beyond_the_limit_waits_then_answers_503_with_retry_after() {
+        let admission = Admission::new(1, Duration::from_millis(50));
+        let held = admission.admit().await.expect("the first turn is free");
+        let refused = admission.admit().await.expect_err("no turn left");
+        assert_eq!(refused.code, ErrorCode::Unavailable);
+        assert_eq!(refused.retry_after, Some(1));
+        drop(held);
+        let _turn = admission.admit().await.expect("a returned turn is reused");
+    }
+}
