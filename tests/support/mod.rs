@@ -17,6 +17,7 @@ pub mod process;
 pub mod registry_client;
 pub mod s3;
 pub mod server;
+pub mod stalling;
 pub mod token;
 pub mod upstream;
 
@@ -29,5 +30,6 @@ pub use kura::{Kura, KuraOptions};
 pub use net::{free_port, wait_http, wait_http_ok};
 pub use process::require_tool;
 pub use registry_client::{Auth, RegistryClient};
+pub use stalling::StallingUpstream;
 pub use token::TokenIssuer;
 pub use upstream::Upstream;
