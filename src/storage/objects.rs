@@ -141,6 +141,35 @@ impl Objects {
         }
     }
 
+    /// The object's bytes if it holds at most `limit` of them; `None` when
+    /// it is missing or larger. Never reads more than `limit + 1` bytes.
+    pub async fn read_within(&self, key: &str, limit: usize) -> io::Result<Option<Vec<u8>>> {
+        let probe = limit as u64 + 1;
+        let bytes = match self {
+            Objects::Fs { root } => {
+                let path = Self::path(root, key);
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::io::Read;
+                    let mut bytes = Vec::new();
+                    std::fs::File::open(path)?
+                        .take(probe)
+                        .read_to_end(&mut bytes)?;
+                    Ok(bytes)
+                })
+                .await
+                .map_err(io::Error::other)?;
+                not_found_as_none(read)?
+            }
+            Objects::S3 { op, .. } => match op.read_with(key).range(0..probe).await {
+                Ok(buffer) => Some(buffer.to_vec()),
+                // S3 answers a range on an empty object so.
+                Err(e) if e.kind() == opendal::ErrorKind::RangeNotSatisfied => Some(Vec::new()),
+                Err(e) => not_found_as_none(Err(io::Error::from(e)))?,
+            },
+        };
+        Ok(bytes.filter(|bytes| bytes.len() <= limit))
+    }
+
     /// Writes a whole small object; readers see the old version or the new
     /// one, never a mix (`staging` holds the temporary file on disk).
     pub async fn write(&self, key: &str, bytes: Vec<u8>, staging: &Path) -> io::Result<()> {
@@ -392,6 +421,20 @@ async fn rename_into_place(from: &Path, to: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn bounded_reads_return_nothing_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = Objects::Fs {
+            root: dir.path().to_owned(),
+        };
+        std::fs::write(dir.path().join("four"), b"1234").unwrap();
+        let read = |key: &'static str| objects.read_within(key, 4);
+        assert_eq!(read("four").await.unwrap(), Some(b"1234".to_vec()));
+        std::fs::write(dir.path().join("five"), b"12345").unwrap();
+        assert_eq!(read("five").await.unwrap(), None);
+        assert_eq!(read("missing").await.unwrap(), None);
+    }
 
     #[test]
     fn parts_are_as_small_as_s3_allows_and_never_too_many() {
