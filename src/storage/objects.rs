@@ -160,12 +160,7 @@ impl Objects {
                 .map_err(io::Error::other)?;
                 not_found_as_none(read)?
             }
-            Objects::S3 { op, .. } => match op.read_with(key).range(0..probe).await {
-                Ok(buffer) => Some(buffer.to_vec()),
-                // S3 answers a range on an empty object so.
-                Err(e) if e.kind() == opendal::ErrorKind::RangeNotSatisfied => Some(Vec::new()),
-                Err(e) => not_found_as_none(Err(io::Error::from(e)))?,
-            },
+            Objects::S3 { op, .. } => not_found_as_none(read_prefix(op, key, probe).await)?,
         };
         Ok(bytes.filter(|bytes| bytes.len() <= limit))
     }
@@ -363,6 +358,24 @@ async fn upload(op: &Operator, local: &Path, key: &str) -> io::Result<()> {
         }
     }
     writer.close().await.map(|_| ()).map_err(io::Error::from)
+}
+
+/// At most the first `len` bytes of an object. One GET, read only that
+/// far: OpenDAL fails a ranged read that the object is too short to fill.
+async fn read_prefix(op: &Operator, key: &str, len: u64) -> io::Result<Vec<u8>> {
+    let reader = op.reader(key).await.map_err(io::Error::from)?;
+    let mut stream = reader
+        .into_bytes_stream(..)
+        .await
+        .map_err(io::Error::from)?;
+    let mut bytes = Vec::new();
+    while (bytes.len() as u64) < len
+        && let Some(chunk) = stream.next().await
+    {
+        bytes.extend_from_slice(&chunk?);
+    }
+    bytes.truncate(len as usize);
+    Ok(bytes)
 }
 
 fn remote_meta(meta: &opendal::Metadata) -> ObjectMeta {
