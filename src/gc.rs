@@ -9,12 +9,21 @@
 //! `cache.gcgrace` is ever dropped, which protects pulls in progress (a
 //! client fetches the manifest, then its blobs), and a reader that has a
 //! blob open keeps reading it even if it is deleted (POSIX unlink).
+//!
+//! A collection reads manifests only: the linked ones and the children an
+//! index or referrer declares as manifests (`manifests[]`, `subject`), each
+//! at most [`MAX_MANIFEST_BYTES`]. Layers, configs and artifact blobs are
+//! known from the listing alone (size, last use), so memory grows with the
+//! number of blobs, never with their bytes. Each removal is checked again
+//! against the blob's latest use right before it happens: whatever was used
+//! since the plan was made (or within `cache.gcgrace` of it) is spared, with
+//! everything it refers to.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::time::{Duration, SystemTime};
 
-use crate::reference::Digest;
+use crate::reference::{Digest, MAX_MANIFEST_BYTES};
 use crate::storage::Storage;
 use crate::storage::index::ManifestLink;
 
@@ -29,22 +38,25 @@ pub struct Policy {
 }
 
 /// What a collection would do.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Plan {
     pub drop_links: Vec<ManifestLink>,
+    /// Every manifest before what it refers to, so that sparing one at
+    /// [`apply`] time spares its children before their turn.
     pub delete_blobs: Vec<(Digest, u64)>,
     pub kept_bytes: u64,
     /// Stored blobs that stay.
     pub kept_blobs: HashSet<Digest>,
+    /// [`apply`] spares whatever was used after this: the plan's time less
+    /// `cache.gcgrace`.
+    spare_used_after: SystemTime,
+    /// What each cached manifest refers to.
+    references: HashMap<Digest, Vec<Digest>>,
 }
 
 impl Plan {
     pub fn freed_bytes(&self) -> u64 {
         self.delete_blobs.iter().map(|(_, size)| size).sum()
-    }
-
-    pub fn removes_anything(&self) -> bool {
-        !(self.delete_blobs.is_empty() && self.drop_links.is_empty())
     }
 }
 
@@ -105,25 +117,61 @@ pub async fn plan(storage: &Storage, policy: &Policy, now: SystemTime) -> io::Re
     }
 
     let keep: HashSet<&Digest> = kept.iter().flat_map(|r| r.closure.iter()).collect();
-    let mut plan = Plan {
-        kept_bytes: keep.iter().filter_map(|d| blobs.get(*d)).map(|b| b.0).sum(),
-        ..Plan::default()
-    };
-    for root in dropped {
-        if let Some(link) = root.link {
-            plan.drop_links.push(link);
-        }
-    }
+    let kept_bytes = keep.iter().filter_map(|d| blobs.get(*d)).map(|b| b.0).sum();
+    let drop_links = dropped.into_iter().filter_map(|root| root.link).collect();
     let (kept_blobs, dropped_blobs): (Vec<_>, Vec<_>) =
         blobs.iter().partition(|(digest, _)| keep.contains(digest));
-    plan.kept_blobs = kept_blobs.into_iter().map(|(d, _)| d.clone()).collect();
-    let mut delete: Vec<(Digest, u64)> = dropped_blobs
+    let kept_blobs = kept_blobs.into_iter().map(|(d, _)| d.clone()).collect();
+    let delete: Vec<(Digest, u64)> = dropped_blobs
         .into_iter()
         .map(|(digest, (size, _))| (digest.clone(), *size))
         .collect();
-    delete.sort();
-    plan.delete_blobs = delete;
-    Ok(plan)
+    Ok(Plan {
+        drop_links,
+        delete_blobs: parents_first(delete, &references),
+        kept_bytes,
+        kept_blobs,
+        spare_used_after: now
+            .checked_sub(policy.grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+        references,
+    })
+}
+
+/// Orders blobs so that every manifest comes before what it refers to
+/// (reverse post-order of a depth-first walk; content addressing makes the
+/// graph acyclic).
+fn parents_first(
+    mut blobs: Vec<(Digest, u64)>,
+    references: &HashMap<Digest, Vec<Digest>>,
+) -> Vec<(Digest, u64)> {
+    blobs.sort();
+    let sizes: HashMap<Digest, u64> = blobs.iter().cloned().collect();
+    let mut visited = HashSet::new();
+    let mut finished = Vec::with_capacity(blobs.len());
+    for (start, _) in &blobs {
+        let mut stack = vec![(start, false)];
+        while let Some((digest, children_done)) = stack.pop() {
+            if children_done {
+                finished.push(digest.clone());
+                continue;
+            }
+            if !sizes.contains_key(digest) || !visited.insert(digest) {
+                continue;
+            }
+            stack.push((digest, true));
+            let children = references.get(digest).into_iter().flatten();
+            stack.extend(children.map(|child| (child, false)));
+        }
+    }
+    finished
+        .into_iter()
+        .rev()
+        .map(|digest| {
+            let size = sizes[&digest];
+            (digest, size)
+        })
+        .collect()
 }
 
 /// Drops the least recently used kept roots (never `protected` ones) until
@@ -164,6 +212,9 @@ fn evict_to_fit(
 }
 
 /// The digests each cached manifest refers to (children, config, layers).
+/// Reads only manifests: linked ones, and the children their parents
+/// declare as manifests; one at a time, none larger than
+/// [`MAX_MANIFEST_BYTES`].
 async fn manifest_references(
     storage: &Storage,
     links: &[ManifestLink],
@@ -172,15 +223,21 @@ async fn manifest_references(
     let mut references = HashMap::new();
     let mut pending: Vec<Digest> = links.iter().map(|l| l.digest.clone()).collect();
     while let Some(digest) = pending.pop() {
-        if references.contains_key(&digest) || !blobs.contains_key(&digest) {
+        let could_be_manifest = blobs
+            .get(&digest)
+            .is_some_and(|(size, _)| *size <= MAX_MANIFEST_BYTES as u64);
+        if references.contains_key(&digest) || !could_be_manifest {
             continue;
         }
-        let Some(bytes) = storage.read_blob(&digest).await? else {
+        let Some(bytes) = storage
+            .read_blob_within(&digest, MAX_MANIFEST_BYTES)
+            .await?
+        else {
             continue;
         };
-        let children = referenced_digests(&bytes);
-        pending.extend(children.iter().cloned());
-        references.insert(digest, children);
+        let found = References::of(&bytes);
+        pending.extend(found.manifests);
+        references.insert(digest, found.all);
     }
     Ok(references)
 }
@@ -252,40 +309,110 @@ fn closure_of(digest: &Digest, references: &HashMap<Digest, Vec<Digest>>) -> Vec
     order
 }
 
-/// Every descriptor digest in a manifest or index: `config`, `layers`,
-/// `manifests` (index children), `blobs` (artifacts), `subject`.
-pub fn referenced_digests(manifest: &[u8]) -> Vec<Digest> {
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(manifest) else {
-        return Vec::new();
-    };
-    let single = ["config", "subject"]
-        .into_iter()
-        .filter_map(|key| value.get(key));
-    let lists = ["layers", "manifests", "blobs"]
-        .into_iter()
-        .filter_map(|key| value.get(key)?.as_array())
-        .flatten();
-    single
-        .chain(lists)
-        .filter_map(|descriptor| descriptor.get("digest")?.as_str())
-        .filter_map(|digest| Digest::parse(digest).ok())
-        .collect()
+/// What a manifest or index refers to.
+#[derive(Debug, Default)]
+pub struct References {
+    /// Every descriptor: `config`, `subject`, `layers`, `manifests` (index
+    /// children), `blobs` (artifacts), in that order.
+    pub all: Vec<Digest>,
+    /// Those that are manifests themselves (index children and a
+    /// referrer's `subject`): the only ones a collection reads.
+    pub manifests: Vec<Digest>,
+}
+
+/// The parts of a manifest that refer to content; everything else in it is
+/// skipped unparsed.
+#[derive(serde::Deserialize)]
+struct Descriptors {
+    config: Option<Descriptor>,
+    subject: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+    #[serde(default)]
+    blobs: Vec<Descriptor>,
+}
+
+#[derive(serde::Deserialize)]
+struct Descriptor {
+    digest: Option<String>,
+}
+
+impl Descriptor {
+    fn digest(&self) -> Option<Digest> {
+        Digest::parse(self.digest.as_deref()?).ok()
+    }
+}
+
+impl References {
+    /// Nothing for bytes that are not a manifest or index.
+    pub fn of(manifest: &[u8]) -> Self {
+        let Ok(found) = serde_json::from_slice::<Descriptors>(manifest) else {
+            return Self::default();
+        };
+        let digests = |descriptors: &[&Descriptor]| -> Vec<Digest> {
+            descriptors.iter().filter_map(|d| d.digest()).collect()
+        };
+        let manifests: Vec<&Descriptor> = found.subject.iter().chain(&found.manifests).collect();
+        let all: Vec<&Descriptor> = (found.config.iter())
+            .chain(&found.subject)
+            .chain(&found.layers)
+            .chain(&found.manifests)
+            .chain(&found.blobs)
+            .collect();
+        Self {
+            all: digests(&all),
+            manifests: digests(&manifests),
+        }
+    }
+}
+
+/// What [`apply`] removed.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub dropped_links: usize,
+    pub deleted_blobs: usize,
+    pub freed_bytes: u64,
+    /// Links and blobs the plan would have removed that were used since it
+    /// was made (or within `cache.gcgrace` of it), or are reached from one.
+    pub spared: usize,
+}
+
+impl Applied {
+    pub fn removed_anything(&self) -> bool {
+        self.dropped_links + self.deleted_blobs > 0
+    }
 }
 
 /// Carries out a plan: links (and their tags) first, so no index entry
-/// ever points at deleted content; then blobs; then the access records
-/// (S3) are pruned to what is left.
+/// ever points at deleted content; then blobs, each manifest before what it
+/// refers to; then the access records (S3) are pruned to what is left.
+/// Every removal is checked against the latest use first (see [`Recheck`]).
 pub async fn apply(
     storage: &Storage,
     plan: &Plan,
     policy: &Policy,
     now: SystemTime,
-) -> io::Result<()> {
+) -> io::Result<Applied> {
+    let mut recheck = Recheck::new(storage, plan).await?;
+    let mut applied = Applied::default();
     for link in &plan.drop_links {
+        if recheck.spares(&link.digest).await? {
+            applied.spared += 1;
+            continue;
+        }
         storage.remove_manifest_link(link).await?;
+        applied.dropped_links += 1;
     }
-    for (digest, _) in &plan.delete_blobs {
+    for (digest, size) in &plan.delete_blobs {
+        if recheck.spares(digest).await? {
+            applied.spared += 1;
+            continue;
+        }
         storage.delete_blob(digest).await?;
+        applied.deleted_blobs += 1;
+        applied.freed_bytes += size;
     }
     // A record last written before the TTL holds only expired times: every
     // time in it is older than the record.
@@ -296,17 +423,209 @@ pub async fn apply(
     let stale_before = now
         .checked_sub(keep_records_for)
         .unwrap_or(SystemTime::UNIX_EPOCH);
+    let spared = recheck.spared;
     storage
-        .prune_access_records(&plan.kept_blobs, stale_before)
-        .await
+        .prune_access_records(
+            |digest| plan.kept_blobs.contains(digest) || spared.contains(digest),
+            stale_before,
+        )
+        .await?;
+    Ok(applied)
+}
+
+/// The check each removal passes right before it happens: one stat of the
+/// blob and a look at this node's recent accesses, plus the other nodes'
+/// access records (S3) read once per collection.
+struct Recheck<'a> {
+    storage: &'a Storage,
+    plan: &'a Plan,
+    elsewhere: HashMap<Digest, SystemTime>,
+    /// Spared so far, with everything they reach.
+    spared: HashSet<Digest>,
+}
+
+impl<'a> Recheck<'a> {
+    async fn new(storage: &'a Storage, plan: &'a Plan) -> io::Result<Self> {
+        Ok(Self {
+            storage,
+            plan,
+            elsewhere: storage.flushed_access_times().await?,
+            spared: HashSet::new(),
+        })
+    }
+
+    /// Whether `digest` (a blob, or a link's manifest) must stay: it was
+    /// used after the plan's cut-off, or a spared manifest reaches it.
+    async fn spares(&mut self, digest: &Digest) -> io::Result<bool> {
+        if self.spared.contains(digest) {
+            return Ok(true);
+        }
+        let last_use = self.storage.last_use(digest, &self.elsewhere).await?;
+        if last_use.is_none_or(|used| used <= self.plan.spare_used_after) {
+            return Ok(false);
+        }
+        self.spared
+            .extend(closure_of(digest, &self.plan.references));
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference::RepoName;
+    use crate::storage::blobs::blob_key;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    async fn local_storage(dir: &tempfile::TempDir) -> Storage {
+        Storage::local(dir.path()).open().await.unwrap()
+    }
+
+    /// Stores `bytes` as a blob last used `age` ago.
+    async fn put(storage: &Storage, bytes: &[u8], age: Duration) -> Digest {
+        let digest = Digest::of_bytes(bytes);
+        storage.put_blob_bytes(&digest, bytes).await.unwrap();
+        set_last_use(storage, &digest, SystemTime::now() - age);
+        digest
+    }
+
+    fn set_last_use(storage: &Storage, digest: &Digest, time: SystemTime) {
+        let path = storage.local_root().join(blob_key(digest));
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(time).unwrap();
+    }
+
+    fn descriptor(digest: &Digest) -> serde_json::Value {
+        serde_json::json!({ "digest": digest.to_string(), "size": 1 })
+    }
+
+    fn image_manifest(config: &Digest, layers: &[&Digest]) -> Vec<u8> {
+        let layers: Vec<_> = layers.iter().map(|d| descriptor(d)).collect();
+        let manifest = serde_json::json!({ "config": descriptor(config), "layers": layers });
+        manifest.to_string().into_bytes()
+    }
+
+    fn index(children: &[&Digest]) -> Vec<u8> {
+        let children: Vec<_> = children.iter().map(|d| descriptor(d)).collect();
+        serde_json::json!({ "manifests": children })
+            .to_string()
+            .into_bytes()
+    }
+
+    async fn link(storage: &Storage, repository: &str, digest: &Digest) {
+        let name = RepoName::parse(repository).unwrap();
+        storage.link_manifest(&name, digest, "index").await.unwrap();
+    }
+
+    /// A blob no one can read without this test noticing: a FIFO, whose
+    /// open blocks until a writer appears. The handle returned holds it
+    /// open for reading and writing, so a reader gets in but then waits
+    /// for data until the handle is dropped (and then reads nothing).
+    fn fifo_blob(storage: &Storage, label: &[u8]) -> (Digest, std::fs::File) {
+        use rustix::fs::{CWD, FileType, Mode, mknodat};
+        let digest = Digest::of_bytes(label);
+        let path = storage.local_root().join(blob_key(&digest));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        mknodat(CWD, &path, FileType::Fifo, Mode::from(0o600), 0).unwrap();
+        let handle = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        (digest, handle)
+    }
+
+    #[tokio::test]
+    async fn a_collection_reads_manifests_and_never_configs_or_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = local_storage(&dir).await;
+        let (config, config_handle) = fifo_blob(&storage, b"config");
+        let (layer, layer_handle) = fifo_blob(&storage, b"layer");
+        let manifest = put(&storage, &image_manifest(&config, &[&layer]), HOUR).await;
+        let index = put(&storage, &index(&[&manifest]), HOUR).await;
+        link(&storage, "app", &index).await;
+
+        let policy = Policy {
+            ttl: None,
+            max_size: None,
+            grace: Duration::ZERO,
+        };
+        let collection = async {
+            let plan = plan(&storage, &policy, SystemTime::now()).await.unwrap();
+            let images = images(&storage).await.unwrap();
+            (plan, images)
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(10), collection).await;
+        drop((config_handle, layer_handle));
+        let (plan, images) = outcome.expect("the collection read a config or layer");
+        // Reached through the index and its child, though never read.
+        for digest in [&index, &manifest, &config, &layer] {
+            assert!(plan.kept_blobs.contains(digest), "{digest} not kept");
+        }
+        assert_eq!(images.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn content_used_after_planning_survives_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = local_storage(&dir).await;
+        let config = put(&storage, b"{}", 2 * HOUR).await;
+        let layer = put(&storage, b"layer bytes", 2 * HOUR).await;
+        let manifest = put(&storage, &image_manifest(&config, &[&layer]), 2 * HOUR).await;
+        let index = put(&storage, &index(&[&manifest]), 2 * HOUR).await;
+        link(&storage, "app", &index).await;
+        let touched = put(&storage, b"used again, flushed to disk", 2 * HOUR).await;
+        let unused = put(&storage, b"not used again", 2 * HOUR).await;
+
+        let policy = Policy {
+            ttl: Some(HOUR),
+            max_size: None,
+            grace: Duration::ZERO,
+        };
+        let now = SystemTime::now();
+        let plan = plan(&storage, &policy, now).await.unwrap();
+        assert_eq!(plan.drop_links.len(), 1);
+        assert_eq!(plan.delete_blobs.len(), 6);
+
+        // After planning, the image is pulled again (an access not yet
+        // flushed) and a blob's use reaches its mtime.
+        storage.record_access(&index);
+        set_last_use(&storage, &touched, SystemTime::now());
+        let applied = apply(&storage, &plan, &policy, now).await.unwrap();
+
+        assert_eq!(applied.spared, 6, "{applied:?}");
+        assert_eq!(applied.deleted_blobs, 1);
+        assert_eq!(applied.dropped_links, 0);
+        let links = storage.list_manifest_links().await.unwrap();
+        assert_eq!(links.len(), 1, "the image's link was dropped");
+        for digest in [&index, &manifest, &config, &layer, &touched] {
+            assert!(
+                storage.blob_size(digest).await.unwrap().is_some(),
+                "{digest} deleted"
+            );
+        }
+        assert!(storage.blob_size(&unused).await.unwrap().is_none());
+    }
 
     #[test]
-    fn references_cover_every_descriptor_kind() {
+    fn removals_list_every_manifest_before_what_it_refers_to() {
+        let d = |c: char| Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap();
+        // a and b are layers sorting first; f an index over e over them.
+        let references = HashMap::from([(d('f'), vec![d('e')]), (d('e'), vec![d('a'), d('b')])]);
+        let blobs = ['a', 'b', 'e', 'f'].map(|c| (d(c), 1)).to_vec();
+        let order: Vec<Digest> = parents_first(blobs, &references)
+            .into_iter()
+            .map(|(digest, _)| digest)
+            .collect();
+        let position = |c: char| order.iter().position(|x| *x == d(c)).unwrap();
+        assert_eq!(order.len(), 4);
+        assert!(position('f') < position('e'));
+        assert!(position('e') < position('a') && position('e') < position('b'));
+    }
+
+    #[test]
+    fn references_cover_every_descriptor_kind_and_tell_manifests_apart() {
         let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
         let manifest = format!(
             r#"{{"config":{{"digest":"{}"}},"layers":[{{"digest":"{}"}}],"manifests":[{{"digest":"{}"}}],"blobs":[{{"digest":"{}"}}],"subject":{{"digest":"{}"}}}}"#,
@@ -316,11 +635,14 @@ mod tests {
             d('d'),
             d('e')
         );
-        let found: Vec<String> = referenced_digests(manifest.as_bytes())
-            .iter()
-            .map(|x| x.to_string())
-            .collect();
-        assert_eq!(found, vec![d('a'), d('e'), d('b'), d('c'), d('d')]);
-        assert!(referenced_digests(b"not json").is_empty());
+        let found = References::of(manifest.as_bytes());
+        let strings =
+            |digests: &[Digest]| -> Vec<String> { digests.iter().map(|x| x.to_string()).collect() };
+        assert_eq!(
+            strings(&found.all),
+            vec![d('a'), d('e'), d('b'), d('c'), d('d')]
+        );
+        assert_eq!(strings(&found.manifests), vec![d('e'), d('c')]);
+        assert!(References::of(b"not json").all.is_empty());
     }
 }

@@ -25,6 +25,11 @@ static DIGEST_RE: LazyLock<Regex> = LazyLock::new(|| {
 /// Longest repository name the spec guarantees to work.
 const MAX_NAME_LEN: usize = 255;
 
+/// Largest manifest Kura reads, from the upstream or from storage:
+/// Distribution's limit (4 MiB). Anything bigger is no manifest Kura
+/// accepts, so nothing larger is ever held in memory as one.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
 /// A validated repository name such as `library/alpine`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RepoName(String);

@@ -257,16 +257,21 @@ async fn collect_garbage(storage: Storage, policy: gc::Policy, interval: Duratio
             }
         };
         match gc::apply(&storage, &plan, &policy, now).await {
-            Ok(()) if !plan.removes_anything() => {}
-            Ok(()) => {
-                metrics()
-                    .evicted_blobs
-                    .inc_by(plan.delete_blobs.len() as u64);
-                metrics().evicted_bytes.inc_by(plan.freed_bytes());
+            Ok(applied) if !applied.removed_anything() => {
+                tracing::debug!(
+                    spared_as_used_since = applied.spared,
+                    kept_bytes = plan.kept_bytes,
+                    "collection removed nothing"
+                );
+            }
+            Ok(applied) => {
+                metrics().evicted_blobs.inc_by(applied.deleted_blobs as u64);
+                metrics().evicted_bytes.inc_by(applied.freed_bytes);
                 tracing::info!(
-                    manifests = plan.drop_links.len(),
-                    blobs = plan.delete_blobs.len(),
-                    freed_bytes = plan.freed_bytes(),
+                    manifests = applied.dropped_links,
+                    blobs = applied.deleted_blobs,
+                    freed_bytes = applied.freed_bytes,
+                    spared_as_used_since = applied.spared,
                     kept_bytes = plan.kept_bytes,
                     "evicted unused content"
                 );

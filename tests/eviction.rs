@@ -1,13 +1,15 @@
 //! Eviction under a size cap and a TTL, with a real upstream: least
 //! recently used images go first, shared blobs live as long as any image
-//! uses them, and collection never breaks a pull in progress.
+//! uses them, collection never breaks a pull in progress, and it never
+//! reads layers (memory stays far below what the cache holds).
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use support::images::{Flavor, ImageBuild, Layer, OCI_LAYER_TAR};
+use support::images::{Flavor, ImageBuild, Layer, OCI_LAYER_TAR, one_layer_image};
+use support::process::{memory_bytes, reset_peak_memory};
 use support::{Kura, KuraOptions, Platform, PushedImage, Upstream, seed_large};
 
 fn client() -> reqwest::Client {
@@ -184,4 +186,74 @@ async fn collection_racing_a_large_pull_never_breaks_it() {
     for pull in futures_util::future::join_all(pulls).await {
         pull.unwrap();
     }
+}
+
+/// Issue 12, scenario 4: with a 300 MiB layer cached and a collection every
+/// 5 s, Kura once read the layer whole into memory on every run. A
+/// collection reads manifests only, so memory stays far below the layer.
+#[tokio::test(flavor = "multi_thread")]
+async fn collections_with_a_300_mib_layer_cached_never_read_it_into_memory() {
+    const INTERVAL: Duration = Duration::from_secs(5);
+    const COLLECTIONS: usize = 3;
+    let mut upstream = Upstream::anonymous().await;
+    let known = push_image(&upstream, "gc/known", 100_000, 8, None).await;
+    let big = one_layer_image(300 << 20, 0x5EED_0300)
+        .push(&upstream.client(), "gc/big", Some("latest"))
+        .await;
+    let kura = Kura::start(options(
+        &upstream,
+        &[
+            ("REGISTRY_CACHE_GCINTERVAL", "5s"),
+            ("RUST_LOG", "info,kura::server=debug"),
+        ],
+    ))
+    .await;
+    assert!(kura.pull(&known).await);
+    assert!(kura.pull(&big).await);
+
+    // Peak memory over the next collections, both sampled and as the
+    // kernel's high-water mark (which no short spike escapes).
+    let pid = kura.pid();
+    reset_peak_memory(pid);
+    let collections = || {
+        kura.log_text()
+            .matches("collection removed nothing")
+            .count()
+    };
+    let before = collections();
+    let deadline = Instant::now() + INTERVAL * (COLLECTIONS as u32 + 1);
+    let mut peak = 0;
+    while collections() < before + COLLECTIONS && Instant::now() < deadline {
+        peak = peak.max(memory_bytes(pid, "VmRSS"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let peak = peak.max(memory_bytes(pid, "VmHWM"));
+    eprintln!(
+        "peak resident memory during collections: {} MiB",
+        peak >> 20
+    );
+    assert!(
+        peak < 100 << 20,
+        "Kura's resident memory peaked at {} MiB during collections",
+        peak >> 20
+    );
+    assert!(
+        collections() >= before + COLLECTIONS,
+        "{COLLECTIONS} collections did not run in time:\n{}",
+        kura.log_text()
+    );
+
+    // Nothing was lost, and the cache answers at once from what it holds.
+    upstream.stop();
+    assert!(kura.pull(&known).await, "known image no longer served");
+    let prompt = support::net::http_client(Duration::from_secs(5));
+    let layer = format!("{}/v2/gc/big/blobs/{}", kura.url(), big.layers[0].digest);
+    let head = prompt
+        .head(&layer)
+        .send()
+        .await
+        .expect("HEAD the big layer");
+    assert_eq!(head.status(), StatusCode::OK, "big layer no longer cached");
+    let ready = prompt.get(format!("{}/readyz", kura.url())).send().await;
+    assert_eq!(ready.expect("/readyz").status(), StatusCode::OK);
 }

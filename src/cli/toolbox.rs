@@ -79,19 +79,27 @@ pub async fn gc(config: Config, dry_run: bool) -> anyhow::Result<()> {
     for (digest, size) in &plan.delete_blobs {
         println!("blob {digest} ({})", human_bytes(*size));
     }
-    let verb = if dry_run { "would free" } else { "freed" };
-    println!(
-        "{verb} {} in {} blobs and {} manifests; {} kept",
-        human_bytes(plan.freed_bytes()),
-        plan.delete_blobs.len(),
-        plan.drop_links.len(),
-        human_bytes(plan.kept_bytes)
-    );
-    if !dry_run {
-        gc::apply(&storage, &plan, &policy, now)
-            .await
-            .context("removing content")?;
+    if dry_run {
+        println!(
+            "would free {} in {} blobs and {} manifests; {} kept",
+            human_bytes(plan.freed_bytes()),
+            plan.delete_blobs.len(),
+            plan.drop_links.len(),
+            human_bytes(plan.kept_bytes)
+        );
+        return Ok(());
     }
+    let applied = gc::apply(&storage, &plan, &policy, now)
+        .await
+        .context("removing content")?;
+    println!(
+        "freed {} in {} blobs and {} manifests; {} kept, {} spared as used meanwhile",
+        human_bytes(applied.freed_bytes),
+        applied.deleted_blobs,
+        applied.dropped_links,
+        human_bytes(plan.kept_bytes),
+        applied.spared
+    );
     Ok(())
 }
 

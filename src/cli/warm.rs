@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use super::toolbox::human_bytes;
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::gc::referenced_digests;
+use crate::gc::References;
 use crate::reference::{Digest, Reference, RepoName};
 
 pub async fn warm(
@@ -110,7 +110,7 @@ fn index_children(bytes: &[u8], platform: Option<&str>) -> Vec<(Digest, String)>
 }
 
 async fn warm_blobs(cache: &Arc<Cache>, repo: &RepoName, manifest: &[u8]) -> anyhow::Result<()> {
-    for digest in referenced_digests(manifest) {
+    for digest in References::of(manifest).all {
         let started = Instant::now();
         let blob = cache.open_blob(repo, &digest).await?;
         let size = blob.size;

@@ -6,7 +6,7 @@
 //! no longer stored, and the objects of nodes that went away are deleted
 //! once they hold nothing eviction still needs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::path::Path;
 use std::sync::Mutex;
@@ -38,29 +38,50 @@ impl AccessTracker {
         self.recent.lock().expect("access lock").clone()
     }
 
-    fn drain(&self) -> HashMap<Digest, SystemTime> {
-        std::mem::take(&mut *self.recent.lock().expect("access lock"))
+    /// This node's latest use of `digest`, written out or not.
+    pub async fn last_recorded(&self, digest: &Digest) -> Option<SystemTime> {
+        let recent = self
+            .recent
+            .lock()
+            .expect("access lock")
+            .get(digest)
+            .copied();
+        let flushed = self.flushed.lock().await.get(digest).copied();
+        recent.max(flushed)
     }
 
+    /// Writes the recent accesses out. Each stays in memory until it is
+    /// written, so a collection checking a blob's last use never misses one
+    /// that is on its way to storage.
     pub async fn flush(&self, objects: &Objects, staging: &Path) -> io::Result<()> {
-        let accesses = self.drain();
+        let accesses = self.snapshot();
         if accesses.is_empty() {
             return Ok(());
         }
         if objects.is_local() {
-            for (digest, time) in accesses {
-                objects.touch(&super::blobs::blob_key(&digest), time).await;
+            for (digest, time) in &accesses {
+                objects.touch(&super::blobs::blob_key(digest), *time).await;
             }
-            return Ok(());
+        } else {
+            let mut flushed = self.flushed.lock().await;
+            flushed.extend(accesses.iter().map(|(d, t)| (d.clone(), *t)));
+            let encoded: HashMap<String, u64> = flushed
+                .iter()
+                .map(|(digest, time)| (digest.to_string(), seconds(*time)))
+                .collect();
+            let body = serde_json::to_vec(&encoded).map_err(io::Error::other)?;
+            objects.write(&own_key(), body, staging).await?;
         }
-        let mut flushed = self.flushed.lock().await;
-        flushed.extend(accesses);
-        let encoded: HashMap<String, u64> = flushed
-            .iter()
-            .map(|(digest, time)| (digest.to_string(), seconds(*time)))
-            .collect();
-        let body = serde_json::to_vec(&encoded).map_err(io::Error::other)?;
-        objects.write(&own_key(), body, staging).await
+        self.forget(&accesses);
+        Ok(())
+    }
+
+    /// Drops accesses now written out, unless the blob was used again since.
+    fn forget(&self, written: &HashMap<Digest, SystemTime>) {
+        self.recent
+            .lock()
+            .expect("access lock")
+            .retain(|digest, time| written.get(digest) != Some(time));
     }
 
     /// Keeps the records small (S3): this node forgets blobs that are no
@@ -70,7 +91,7 @@ impl AccessTracker {
     pub async fn prune(
         &self,
         objects: &Objects,
-        stored: &HashSet<Digest>,
+        is_stored: impl Fn(&Digest) -> bool,
         stale_before: SystemTime,
     ) -> io::Result<()> {
         if objects.is_local() {
@@ -79,7 +100,7 @@ impl AccessTracker {
         self.flushed
             .lock()
             .await
-            .retain(|digest, _| stored.contains(digest));
+            .retain(|digest, _| is_stored(digest));
         let own = own_key();
         for (key, meta) in objects.list(ACCESS_PREFIX).await? {
             if key != own && meta.modified < stale_before {

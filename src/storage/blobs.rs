@@ -80,6 +80,18 @@ impl Storage {
         self.objects.read(&blob_key(digest)).await
     }
 
+    /// A blob's bytes if it is stored and at most `limit` bytes long,
+    /// reading no more than that (see [`Objects::read_within`]).
+    ///
+    /// [`Objects::read_within`]: super::Objects::read_within
+    pub async fn read_blob_within(
+        &self,
+        digest: &Digest,
+        limit: usize,
+    ) -> io::Result<Option<Vec<u8>>> {
+        self.objects.read_within(&blob_key(digest), limit).await
+    }
+
     /// Every committed blob with its size and modification time.
     pub async fn list_blobs(&self) -> io::Result<Vec<BlobEntry>> {
         let objects = self.objects.list(BLOBS_PREFIX).await?;

@@ -22,7 +22,7 @@ pub mod file_reads;
 pub mod index;
 pub mod objects;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -134,14 +134,47 @@ impl Storage {
         Ok(times)
     }
 
+    /// Every node's flushed access times (S3); nothing on disk, where the
+    /// blobs' modification times carry them.
+    pub async fn flushed_access_times(&self) -> io::Result<HashMap<Digest, SystemTime>> {
+        self.access.load(&self.objects).await
+    }
+
+    /// A blob's latest use as known right now: its modification time
+    /// (commit, or on disk the last flushed use), this node's accesses
+    /// flushed or not, and `elsewhere` (other nodes' access records, S3, as
+    /// [`Storage::flushed_access_times`] read them). `None` once the blob is
+    /// gone. One stat, no listing.
+    pub async fn last_use(
+        &self,
+        digest: &Digest,
+        elsewhere: &HashMap<Digest, SystemTime>,
+    ) -> io::Result<Option<SystemTime>> {
+        let Some(meta) = self.objects.stat(&blobs::blob_key(digest)).await? else {
+            return Ok(None);
+        };
+        let recorded = self.access.last_recorded(digest).await;
+        let latest = [
+            Some(meta.modified),
+            recorded,
+            elsewhere.get(digest).copied(),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
+        Ok(latest)
+    }
+
     /// Prunes access records (S3) after a collection: see
     /// [`access::AccessTracker::prune`].
     pub async fn prune_access_records(
         &self,
-        stored: &HashSet<Digest>,
+        is_stored: impl Fn(&Digest) -> bool,
         stale_before: SystemTime,
     ) -> io::Result<()> {
-        self.access.prune(&self.objects, stored, stale_before).await
+        self.access
+            .prune(&self.objects, is_stored, stale_before)
+            .await
     }
 
     /// Writes recorded accesses out (blob mtimes, or this node's access

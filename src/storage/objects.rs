@@ -141,6 +141,30 @@ impl Objects {
         }
     }
 
+    /// The object's bytes if it holds at most `limit` of them; `None` when
+    /// it is missing or larger. Never reads more than `limit + 1` bytes.
+    pub async fn read_within(&self, key: &str, limit: usize) -> io::Result<Option<Vec<u8>>> {
+        let probe = limit as u64 + 1;
+        let bytes = match self {
+            Objects::Fs { root } => {
+                let path = Self::path(root, key);
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::io::Read;
+                    let mut bytes = Vec::new();
+                    std::fs::File::open(path)?
+                        .take(probe)
+                        .read_to_end(&mut bytes)?;
+                    Ok(bytes)
+                })
+                .await
+                .map_err(io::Error::other)?;
+                not_found_as_none(read)?
+            }
+            Objects::S3 { op, .. } => not_found_as_none(read_prefix(op, key, probe).await)?,
+        };
+        Ok(bytes.filter(|bytes| bytes.len() <= limit))
+    }
+
     /// Writes a whole small object; readers see the old version or the new
     /// one, never a mix (`staging` holds the temporary file on disk).
     pub async fn write(&self, key: &str, bytes: Vec<u8>, staging: &Path) -> io::Result<()> {
@@ -336,6 +360,24 @@ async fn upload(op: &Operator, local: &Path, key: &str) -> io::Result<()> {
     writer.close().await.map(|_| ()).map_err(io::Error::from)
 }
 
+/// At most the first `len` bytes of an object. One GET, read only that
+/// far: OpenDAL fails a ranged read that the object is too short to fill.
+async fn read_prefix(op: &Operator, key: &str, len: u64) -> io::Result<Vec<u8>> {
+    let reader = op.reader(key).await.map_err(io::Error::from)?;
+    let mut stream = reader
+        .into_bytes_stream(..)
+        .await
+        .map_err(io::Error::from)?;
+    let mut bytes = Vec::new();
+    while (bytes.len() as u64) < len
+        && let Some(chunk) = stream.next().await
+    {
+        bytes.extend_from_slice(&chunk?);
+    }
+    bytes.truncate(len as usize);
+    Ok(bytes)
+}
+
 fn remote_meta(meta: &opendal::Metadata) -> ObjectMeta {
     ObjectMeta {
         size: meta.content_length(),
@@ -392,6 +434,20 @@ async fn rename_into_place(from: &Path, to: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn bounded_reads_return_nothing_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = Objects::Fs {
+            root: dir.path().to_owned(),
+        };
+        std::fs::write(dir.path().join("four"), b"1234").unwrap();
+        let read = |key: &'static str| objects.read_within(key, 4);
+        assert_eq!(read("four").await.unwrap(), Some(b"1234".to_vec()));
+        std::fs::write(dir.path().join("five"), b"12345").unwrap();
+        assert_eq!(read("five").await.unwrap(), None);
+        assert_eq!(read("missing").await.unwrap(), None);
+    }
 
     #[test]
     fn parts_are_as_small_as_s3_allows_and_never_too_many() {

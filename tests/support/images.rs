@@ -548,6 +548,14 @@ pub fn large_image() -> &'static ImageBuild {
     })
 }
 
+/// An OCI image with one uncompressed layer holding a pseudo-random file of
+/// `size` bytes; built anew on each call (it holds the whole layer).
+pub fn one_layer_image(size: usize, seed: u64) -> ImageBuild {
+    let tar = random_file_tar("one/layer.bin", size, seed);
+    let layers = vec![Layer::plain(tar, OCI_LAYER_TAR)];
+    ImageBuild::new(Flavor::Oci, Platform::linux("amd64", None), layers)
+}
+
 /// Seeds `big/blob:latest`: an OCI image with an uncompressed 3 MiB layer and a 256 MiB layer.
 pub async fn seed_large(upstream: &Upstream) -> PushedImage {
     large_image()

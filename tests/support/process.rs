@@ -98,6 +98,27 @@ pub fn send_signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid} failed: {status}");
 }
 
+/// A memory figure of a running process from `/proc/<pid>/status`, in
+/// bytes: `VmRSS` (resident now) or `VmHWM` (peak resident since start or
+/// since [`reset_peak_memory`]).
+pub fn memory_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    kib * 1024
+}
+
+/// Resets a process's `VmHWM` to its current resident size (Linux
+/// `clear_refs`), so a later peak is measured from now.
+pub fn reset_peak_memory(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .unwrap_or_else(|e| panic!("reset peak memory of {pid}: {e}"));
+}
+
 /// A long-running child whose stdout and stderr are appended to a log file. Dropping the guard kills
 /// the child (SIGKILL) and reaps it.
 pub struct ChildGuard {
