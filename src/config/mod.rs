@@ -339,7 +339,11 @@ fn read_s3(keys: &mut KeyReader) -> Result<Option<S3Config>, ConfigError> {
         .ok_or_else(|| invalid("storage.s3.bucket", "required with storage.s3"))?;
     let endpoint = keys.string("storage.s3.regionendpoint")?;
     if let Some(endpoint) = &endpoint {
-        upstreams::parse_upstream_url("storage.s3.regionendpoint", endpoint)?;
+        upstreams::parse_http_url(
+            "storage.s3.regionendpoint",
+            endpoint,
+            "storage.s3.accesskey and secretkey",
+        )?;
     }
     Ok(Some(S3Config {
         bucket,
