@@ -22,7 +22,7 @@ use tokio::fs;
 use tokio::io::AsyncReadExt;
 
 use super::file_reads;
-use crate::config::S3Config;
+use crate::config::{S3Config, S3Encryption};
 
 /// S3's smallest multipart part (all but the last), and its most parts.
 const MIN_PART: u64 = 5 << 20;
@@ -96,6 +96,13 @@ impl Objects {
                 .access_key_id(access)
                 .secret_access_key(secret.expose());
         }
+        builder = match &config.encryption {
+            None => builder,
+            Some(S3Encryption::S3Managed) => builder.server_side_encryption_with_s3_key(),
+            Some(S3Encryption::Kms { key_id }) => {
+                builder.server_side_encryption_with_customer_managed_kms_key(key_id)
+            }
+        };
         let op = Operator::new(builder).map_err(io::Error::from)?;
         let context =
             OperationContext::new().with_http_transport(HttpTransporter::new(s3_transport()?));
