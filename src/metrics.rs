@@ -194,6 +194,16 @@ impl Metrics {
             "Committed blobs",
             metrics.storage_objects.clone(),
         );
+        r.register(
+            "evicted_blobs",
+            "Blobs removed by eviction (TTL or size cap)",
+            metrics.evicted_blobs.clone(),
+        );
+        r.register(
+            "evicted_bytes",
+            "Bytes of blobs removed by eviction",
+            metrics.evicted_bytes.clone(),
+        );
         Self {
             registry,
             ..metrics

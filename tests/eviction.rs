@@ -55,6 +55,25 @@ fn options(upstream: &Upstream, settings: &[(&str, &str)]) -> KuraOptions {
     options
 }
 
+async fn scrape(kura: &Kura) -> String {
+    client()
+        .get(format!("{}/metrics", kura.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of an unlabelled metric; 0 when absent.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 async fn wait_until<F: AsyncFn() -> bool>(what: &str, condition: F) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::time::Instant::now() < deadline {
@@ -93,6 +112,13 @@ async fn a_size_cap_evicts_least_recently_used_and_keeps_shared_blobs() {
         "eviction of the two least recently used images",
         async || kura.catalog().await == vec!["cap/newer".to_owned(), "cap/newest".to_owned()],
     )
+    .await;
+    // Two 1 MiB layers went (with their configs and manifests).
+    wait_until("the eviction metrics", async || {
+        let metrics = scrape(&kura).await;
+        sample(&metrics, "kura_evicted_blobs_total") >= 4.0
+            && sample(&metrics, "kura_evicted_bytes_total") >= (2 * mib) as f64
+    })
     .await;
 
     // The kept images are served from cache alone, shared layer included.

@@ -374,3 +374,43 @@ async fn sigterm_during_a_large_pull_leaves_no_staging_and_restart_serves() {
     let body = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
     assert_eq!(sha256_digest(&body), big.digest);
 }
+
+/// Credentials inside a `remoteurl` would be printed wherever the URL is
+/// (`config check`, the startup log): refused, with the key named and the
+/// password never repeated.
+#[test]
+fn credentials_in_a_remote_url_are_refused_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let listed = write(
+        dir.path(),
+        "upstreams.yml",
+        "upstreams:\n  - name: ghcr.io\n    remoteurl: https://me:hunter2@ghcr.io\n",
+    );
+    let kura = |args: &[&str], env: &[(&str, &str)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kura"));
+        command
+            .args(args)
+            .env("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY", dir.path())
+            .envs(env.iter().copied());
+        run_tool(command, Duration::from_secs(30))
+    };
+    let inline = [("REGISTRY_PROXY_REMOTEURL", "https://me:hunter2@127.0.0.1:1")];
+    let attempts = [
+        ("proxy.remoteurl", kura(&["config", "check"], &inline)),
+        (
+            "proxy.remoteurl",
+            kura(&["serve", "--listen", "127.0.0.1:0"], &inline),
+        ),
+        (
+            "remoteurl",
+            kura(&["config", "check", &listed.display().to_string()], &[]),
+        ),
+    ];
+    for (key, output) in attempts {
+        let printed = format!("{}{}", output.stdout, output.stderr);
+        assert!(!output.success(), "accepted: {printed}");
+        assert!(printed.contains(key), "{printed}");
+        assert!(printed.contains("username and password"), "{printed}");
+        assert!(!printed.contains("hunter2"), "password printed: {printed}");
+    }
+}

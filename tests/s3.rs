@@ -255,3 +255,58 @@ async fn the_toolbox_works_on_the_bucket() {
     );
     assert!(!kura(&["ls"], &[]).contains(&image.repository));
 }
+
+/// `encrypt` has S3 encrypt every object Kura writes (SSE-S3), and with
+/// `keyid` under that KMS key (SSE-KMS), as Distribution's driver does:
+/// blobs, manifests, links, multipart uploads included.
+#[tokio::test(flavor = "multi_thread")]
+async fn encrypt_and_keyid_encrypt_every_object_kura_writes() {
+    use support::Platform;
+    use support::images::{Flavor, ImageBuild, Layer, OCI_LAYER_TAR};
+
+    let s3 = S3Server::start().await;
+    let upstream = Upstream::anonymous().await;
+    let small = seed_all(&upstream).await.multilayer;
+    // Past one 5 MiB part: uploaded in parts.
+    let data: Vec<u8> = (0..6u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let large = ImageBuild::new(
+        Flavor::Oci,
+        Platform::linux("amd64", None),
+        vec![Layer::plain(data, OCI_LAYER_TAR)],
+    )
+    .push(&upstream.client(), "encrypted/large", Some("latest"))
+    .await;
+    let (s3_managed, _dir) = replica_with(&s3, &upstream, "    encrypt: true\n").await;
+    let kms_yaml = "    encrypt: true\n    keyid: kura-test-key\n";
+    let (kms, _dir2) = replica_with(&s3, &upstream, kms_yaml).await;
+    assert!(s3_managed.pull(&small).await);
+    assert!(kms.pull(&large).await);
+
+    s3.allow_anonymous_reads().await;
+    let blob_key = |digest: &str| {
+        let hex = &digest["sha256:".len()..];
+        format!("kura/blobs/sha256/{}/{hex}", &hex[..2])
+    };
+    for digest in small.all_digests() {
+        let expected = (Some("AES256".into()), None);
+        assert_eq!(
+            s3.encryption(&blob_key(&digest)).await,
+            expected,
+            "{digest}"
+        );
+    }
+    for digest in large.all_digests() {
+        let expected = (Some("aws:kms".into()), Some("kura-test-key".into()));
+        assert_eq!(
+            s3.encryption(&blob_key(&digest)).await,
+            expected,
+            "{digest}"
+        );
+    }
+    for key in s3.keys("kura/").await {
+        let (algorithm, _) = s3.encryption(&key).await;
+        assert!(algorithm.is_some(), "stored unencrypted: {key}");
+    }
+}

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::{Cache, storage_error, upstream_error};
 use crate::api::error::{ApiError, ErrorCode};
-use crate::reference::{Digest, Reference, RepoName, Tag};
+use crate::reference::{Digest, MAX_MANIFEST_BYTES, Reference, RepoName, Tag};
 use crate::storage::index::TagLink;
 
 /// Media type assumed when neither the upstream nor the manifest says.
@@ -121,20 +121,18 @@ impl Cache {
                 None => self.fetch_manifest(name, tag.as_str()).await,
             },
             Err(err) if err.is_not_found() => {
-                self.storage
-                    .remove_tag(name, tag)
-                    .await
-                    .map_err(storage_error)?;
+                if let Err(e) = self.storage.remove_tag(name, tag).await {
+                    bookkeeping_failed("tag removal", name, e);
+                }
                 return Err(upstream_error(&err, ErrorCode::ManifestUnknown));
             }
             Err(err) => Err(upstream_error(&err, ErrorCode::ManifestUnknown)),
         };
         match result {
             Ok(manifest) => {
-                self.storage
-                    .set_tag(name, tag, &manifest.digest)
-                    .await
-                    .map_err(storage_error)?;
+                if let Err(e) = self.storage.set_tag(name, tag, &manifest.digest).await {
+                    bookkeeping_failed("tag", name, e);
+                }
                 Ok(manifest)
             }
             Err(err) => self.serve_stale(name, tag, link, err).await,
@@ -183,14 +181,26 @@ impl Cache {
         else {
             return Ok(None);
         };
+        // Nothing larger is ever stored as a manifest; a file that large
+        // under a manifest's name is not one.
         let Some(bytes) = self
             .storage
-            .read_blob(digest)
+            .read_blob_within(digest, MAX_MANIFEST_BYTES)
             .await
             .map_err(storage_error)?
         else {
             return Ok(None);
         };
+        // Cheap next to the request (manifests are small), and the only
+        // check a manifest gets after a crash or a bad disk: bytes that are
+        // not what their name says are never served.
+        if &Digest::of_bytes(&bytes) != digest {
+            tracing::warn!(%name, %digest, "stored manifest does not match its digest; removed to fetch it again");
+            if let Err(e) = self.storage.delete_blob(digest).await {
+                tracing::warn!(%digest, error = %e, "cannot remove a corrupt manifest");
+            }
+            return Ok(None);
+        }
         Ok(Some(Manifest {
             digest: digest.clone(),
             media_type,
@@ -217,14 +227,8 @@ impl Cache {
             .filter(|t| !t.is_empty() && t != "application/octet-stream")
             .or_else(|| embedded_media_type(&bytes))
             .unwrap_or_else(|| DEFAULT_MEDIA_TYPE.to_owned());
-        self.storage
-            .put_blob_bytes(&digest, &bytes)
-            .await
-            .map_err(storage_error)?;
-        self.storage
-            .link_manifest(name, &digest, &media_type)
-            .await
-            .map_err(storage_error)?;
+        self.store_manifest(name, &digest, &media_type, &bytes)
+            .await;
         Ok(Manifest {
             digest,
             media_type,
@@ -233,6 +237,30 @@ impl Cache {
             cache_hit: false,
         })
     }
+
+    /// Stores a verified manifest, blob first, then the repository link
+    /// (never a link to missing bytes). A failure is logged, not returned:
+    /// the client gets the verified bytes either way, and the next request
+    /// fetches and tries to store them again.
+    async fn store_manifest(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+        bytes: &[u8],
+    ) {
+        if let Err(e) = self.storage.put_blob_bytes(digest, bytes).await {
+            bookkeeping_failed("manifest", name, e);
+        } else if let Err(e) = self.storage.link_manifest(name, digest, media_type).await {
+            bookkeeping_failed("manifest link", name, e);
+        }
+    }
+}
+
+/// A write that only records what the cache holds failed (disk full, I/O
+/// error): the request it belongs to is still answered.
+fn bookkeeping_failed(what: &str, name: &RepoName, err: impl std::fmt::Display) {
+    tracing::warn!(%name, error = %err, "cannot store {what}; served anyway");
 }
 
 /// The `mediaType` field inside the manifest JSON, if present.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
-use super::{Config, S3Config, UpstreamConfig};
+use super::{Config, S3Config, S3Encryption, UpstreamConfig};
 
 const MASK: &str = "***";
 
@@ -110,6 +110,10 @@ fn s3_map(s3: &S3Config) -> Mapping {
     if s3.secret_key.is_some() {
         entry.insert("secretkey".into(), string(MASK));
     }
+    entry.insert("encrypt".into(), Value::Bool(s3.encryption.is_some()));
+    if let Some(S3Encryption::Kms { key_id }) = &s3.encryption {
+        entry.insert("keyid".into(), string(key_id));
+    }
     entry
 }
 
@@ -172,6 +176,25 @@ mod tests {
     use crate::config::Overrides;
 
     #[test]
+    fn shows_s3_encryption_and_its_key() {
+        let env = [
+            ("REGISTRY_STORAGE_S3_BUCKET".to_owned(), "b".to_owned()),
+            ("REGISTRY_STORAGE_S3_ENCRYPT".to_owned(), "true".to_owned()),
+            (
+                "REGISTRY_STORAGE_S3_KEYID".to_owned(),
+                "alias/kura".to_owned(),
+            ),
+        ];
+        let text = Config::load(None, env, &Overrides::default())
+            .unwrap()
+            .describe();
+        let described: Value = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(described["storage"]["s3"]["encrypt"], true, "{text}");
+        assert_eq!(described["storage"]["s3"]["keyid"], "alias/kura", "{text}");
+        assert!(!text.contains("ignored"), "{text}");
+    }
+
+    #[test]
     fn masks_secrets_and_shows_effective_values() {
         let env = [
             (
@@ -194,6 +217,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("bucket: b"), "{text}");
+        assert!(text.contains("encrypt: false"), "{text}");
         assert!(
             text.contains("password: '***'") || text.contains("password: \"***\""),
             "{text}"

@@ -74,6 +74,17 @@ pub struct S3Config {
     /// Not `storage.redirect.disable`: answer blob GETs with a redirect to
     /// a presigned URL, so clients download from the bucket directly.
     pub redirect: bool,
+    /// `encrypt` and `keyid`: server-side encryption of what Kura writes.
+    pub encryption: Option<S3Encryption>,
+}
+
+/// Server-side encryption as Distribution's S3 driver asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum S3Encryption {
+    /// `encrypt: true`: SSE-S3 (`AES256`), keys managed by S3.
+    S3Managed,
+    /// `encrypt: true` with `keyid`: SSE-KMS with that KMS key.
+    Kms { key_id: String },
 }
 
 /// Kura's `cache:` section: eviction beyond `proxy.ttl`.
@@ -348,7 +359,11 @@ fn read_s3(keys: &mut KeyReader) -> Result<Option<S3Config>, ConfigError> {
         .ok_or_else(|| invalid("storage.s3.bucket", "required with storage.s3"))?;
     let endpoint = keys.string("storage.s3.regionendpoint")?;
     if let Some(endpoint) = &endpoint {
-        upstreams::parse_upstream_url("storage.s3.regionendpoint", endpoint)?;
+        upstreams::parse_http_url(
+            "storage.s3.regionendpoint",
+            endpoint,
+            "storage.s3.accesskey and secretkey",
+        )?;
     }
     Ok(Some(S3Config {
         bucket,
@@ -365,7 +380,24 @@ fn read_s3(keys: &mut KeyReader) -> Result<Option<S3Config>, ConfigError> {
             .string("storage.s3.rootdirectory")?
             .unwrap_or_else(|| "/".to_owned()),
         redirect: !keys.bool("storage.redirect.disable")?.unwrap_or(false),
+        encryption: read_s3_encryption(keys)?,
     }))
+}
+
+fn read_s3_encryption(keys: &mut KeyReader) -> Result<Option<S3Encryption>, ConfigError> {
+    let encrypt = keys.bool("storage.s3.encrypt")?.unwrap_or(false);
+    let key_id = keys.string("storage.s3.keyid")?.filter(|id| !id.is_empty());
+    match (encrypt, key_id) {
+        (true, Some(key_id)) => Ok(Some(S3Encryption::Kms { key_id })),
+        (true, None) => Ok(Some(S3Encryption::S3Managed)),
+        (false, None) => Ok(None),
+        // Distribution would send the key without asking for encryption,
+        // which S3 refuses on the first write; better said at startup.
+        (false, Some(_)) => Err(invalid(
+            "storage.s3.keyid",
+            "a KMS key is only used with storage.s3.encrypt: true",
+        )),
+    }
 }
 
 fn read_http(keys: &mut KeyReader) -> Result<HttpConfig, ConfigError> {
@@ -624,11 +656,47 @@ mod tests {
             ("http:\n  draintimeout: soon\n", "http.draintimeout"),
             ("cache:\n  maxsize: lots\n", "cache.maxsize"),
             ("cache:\n  maxsize: 5PB\n", "cache.maxsize"),
+            (
+                "storage:\n  s3:\n    bucket: b\n    keyid: k\n",
+                "storage.s3.keyid",
+            ),
+            (
+                "upstreams:\n  - name: ghcr.io\n    remoteurl: https://u:p@ghcr.io\n",
+                "remoteurl",
+            ),
         ];
         for (yaml, key) in cases {
             let err = load_yaml(yaml, &[]).unwrap_err().to_string();
             assert!(err.contains(key), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn s3_encryption_reads_as_distribution_does() {
+        let s3 = |extra: &str| {
+            load_yaml(&format!("storage:\n  s3:\n    bucket: b\n{extra}"), &[])
+                .unwrap()
+                .s3
+                .unwrap()
+        };
+        assert_eq!(s3("").encryption, None);
+        assert_eq!(s3("    encrypt: false\n").encryption, None);
+        assert_eq!(
+            s3("    encrypt: true\n").encryption,
+            Some(S3Encryption::S3Managed)
+        );
+        assert_eq!(
+            s3("    encrypt: true\n    keyid: \"\"\n").encryption,
+            Some(S3Encryption::S3Managed)
+        );
+        assert_eq!(
+            s3("    encrypt: true\n    keyid: arn:aws:kms:k\n").encryption,
+            Some(S3Encryption::Kms {
+                key_id: "arn:aws:kms:k".into()
+            })
+        );
+        let config = load_yaml("storage:\n  s3:\n    bucket: b\n    encrypt: true\n", &[]);
+        assert!(config.unwrap().ignored_keys.is_empty());
     }
 
     #[test]

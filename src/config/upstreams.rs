@@ -190,14 +190,45 @@ pub fn validate_registry_name(name: &str) -> Result<(), String> {
 }
 
 pub(super) fn parse_upstream_url(key: &str, raw: &str) -> Result<Url, ConfigError> {
-    let url = Url::parse(raw).map_err(|e| invalid(key, format!("{raw:?} is not a URL: {e}")))?;
+    parse_http_url(key, raw, "username and password")
+}
+
+/// An http(s) URL with a host and without credentials: a URL is printed
+/// (startup log, `kura config check`) where a password must never be, so
+/// credentials have keys of their own, `credential_keys`. Errors never
+/// repeat what may be a password.
+pub(super) fn parse_http_url(
+    key: &str,
+    raw: &str,
+    credential_keys: &str,
+) -> Result<Url, ConfigError> {
+    let shown = without_user_info(raw);
+    let url = Url::parse(raw).map_err(|e| invalid(key, format!("{shown:?} is not a URL: {e}")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            key,
+            format!(
+                "{shown:?} has credentials in it; take them out of the URL and use the {credential_keys} keys"
+            ),
+        ));
+    }
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return Err(invalid(
             key,
-            format!("{raw:?} must be an http(s) URL with a host"),
+            format!("{shown:?} must be an http(s) URL with a host"),
         ));
     }
     Ok(url)
+}
+
+/// `raw` with everything between the scheme and the last `@` masked: what
+/// a URL parser may take for user info, whether or not the rest parses.
+fn without_user_info(raw: &str) -> String {
+    let start = raw.find("://").map_or(0, |i| i + 3);
+    match raw[start..].rfind('@') {
+        Some(at) => format!("{}***{}", &raw[..start], &raw[start + at..]),
+        None => raw.to_owned(),
+    }
 }
 
 fn read_password_file(key: &str, path: &str) -> Result<String, ConfigError> {
@@ -306,6 +337,27 @@ mod tests {
         ] {
             assert!(validate_registry_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn credentials_in_a_url_are_refused_without_being_repeated() {
+        for raw in [
+            "https://user:hunter2@registry.example",
+            "https://hunter2@registry.example",
+            "https://user:hunter2@registry.example:bad-port",
+            "user:hunter2@registry.example",
+        ] {
+            let err = parse_upstream_url("proxy.remoteurl", raw)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("proxy.remoteurl"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let err = parse_upstream_url("proxy.remoteurl", "https://u:hunter2@up.example/")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("username and password keys"), "{err}");
+        assert!(err.contains("https://***@up.example/"), "{err}");
     }
 
     #[test]

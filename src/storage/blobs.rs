@@ -47,10 +47,31 @@ pub fn blob_key(digest: &Digest) -> String {
     format!("{BLOBS_PREFIX}{}/{hex}", &hex[..2])
 }
 
+/// Whether a committed blob of `size` bytes can be the content `digest`
+/// names. Only an empty file is known to be wrong without reading it: the
+/// expected size of a blob is in no file of its own, and a crash after an
+/// unsynced rename (before commits were synced) leaves exactly that, an
+/// empty file under the digest's name.
+fn plausible_size(digest: &Digest, size: u64) -> bool {
+    size > 0 || *digest == Digest::of_bytes(b"")
+}
+
 impl Storage {
     /// Opens a committed blob for reading, with its size.
     pub async fn open_blob(&self, digest: &Digest) -> io::Result<Option<(ObjectReader, u64)>> {
-        self.objects.open(&blob_key(digest)).await
+        let opened = self.objects.open(&blob_key(digest)).await?;
+        match opened {
+            Some((_, size)) if !plausible_size(digest, size) => self.quarantine(digest, size).await,
+            opened => Ok(opened),
+        }
+    }
+
+    /// Removes a committed blob whose size cannot be its digest's, so it
+    /// reads as missing and is fetched again; answers `None` for it.
+    async fn quarantine<T>(&self, digest: &Digest, size: u64) -> io::Result<Option<T>> {
+        tracing::warn!(%digest, size, "stored blob has an impossible size; removed to fetch it again");
+        self.delete_blob(digest).await?;
+        Ok(None)
     }
 
     /// A committed blob as a client gets it: the bytes, or, when the
@@ -61,23 +82,20 @@ impl Storage {
         const EXPIRE: std::time::Duration = std::time::Duration::from_secs(20 * 60);
         let key = blob_key(digest);
         if let Some(url) = self.objects.presigned_url(&key, EXPIRE).await? {
-            let meta = self.objects.stat(&key).await?;
-            return Ok(meta.map(|meta| ServedBlob::Elsewhere(url, meta.size)));
+            let size = self.blob_size(digest).await?;
+            return Ok(size.map(|size| ServedBlob::Elsewhere(url, size)));
         }
-        let opened = self.objects.open(&key).await?;
+        let opened = self.open_blob(digest).await?;
         Ok(opened.map(|(reader, size)| ServedBlob::Here(reader, size)))
     }
 
     pub async fn blob_size(&self, digest: &Digest) -> io::Result<Option<u64>> {
-        Ok(self
-            .objects
-            .stat(&blob_key(digest))
-            .await?
-            .map(|meta| meta.size))
-    }
-
-    pub async fn read_blob(&self, digest: &Digest) -> io::Result<Option<Vec<u8>>> {
-        self.objects.read(&blob_key(digest)).await
+        match self.objects.stat(&blob_key(digest)).await? {
+            Some(meta) if !plausible_size(digest, meta.size) => {
+                self.quarantine(digest, meta.size).await
+            }
+            meta => Ok(meta.map(|meta| meta.size)),
+        }
     }
 
     /// A blob's bytes if it is stored and at most `limit` bytes long,
@@ -364,5 +382,37 @@ impl Drop for StagedBlob {
         if !self.committed {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_empty_file_under_a_non_empty_digest_is_removed_as_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::local(dir.path()).open().await.unwrap();
+        let (content, empty) = (b"layer".as_slice(), b"".as_slice());
+        let (digest, empty_digest) = (Digest::of_bytes(content), Digest::of_bytes(empty));
+        storage.put_blob_bytes(&digest, content).await.unwrap();
+        storage.put_blob_bytes(&empty_digest, empty).await.unwrap();
+        let path = dir.path().join(blob_key(&digest));
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+
+        assert!(storage.open_blob(&digest).await.unwrap().is_none());
+        assert!(!path.exists(), "the empty file was kept");
+        let (_, size) = storage.open_blob(&empty_digest).await.unwrap().unwrap();
+        assert_eq!(size, 0, "the empty blob is a blob");
+
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(storage.blob_size(&digest).await.unwrap(), None);
+        assert!(!path.exists());
+        assert_eq!(storage.blob_size(&empty_digest).await.unwrap(), Some(0));
     }
 }

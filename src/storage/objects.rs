@@ -22,7 +22,7 @@ use tokio::fs;
 use tokio::io::AsyncReadExt;
 
 use super::file_reads;
-use crate::config::S3Config;
+use crate::config::{S3Config, S3Encryption};
 
 /// S3's smallest multipart part (all but the last), and its most parts.
 const MIN_PART: u64 = 5 << 20;
@@ -96,6 +96,13 @@ impl Objects {
                 .access_key_id(access)
                 .secret_access_key(secret.expose());
         }
+        builder = match &config.encryption {
+            None => builder,
+            Some(S3Encryption::S3Managed) => builder.server_side_encryption_with_s3_key(),
+            Some(S3Encryption::Kms { key_id }) => {
+                builder.server_side_encryption_with_customer_managed_kms_key(key_id)
+            }
+        };
         let op = Operator::new(builder).map_err(io::Error::from)?;
         let context =
             OperationContext::new().with_http_transport(HttpTransporter::new(s3_transport()?));
@@ -170,8 +177,16 @@ impl Objects {
     pub async fn write(&self, key: &str, bytes: Vec<u8>, staging: &Path) -> io::Result<()> {
         match self {
             Objects::Fs { root } => {
-                fs::write(staging, &bytes).await?;
-                rename_into_place(staging, &Self::path(root, key)).await
+                let (staging, target) = (staging.to_owned(), Self::path(root, key));
+                on_blocking_pool(move || {
+                    discard_on_error(&staging, || {
+                        let mut file = std::fs::File::create(&staging)?;
+                        std::io::Write::write_all(&mut file, &bytes)?;
+                        file.sync_all()?;
+                        durable_rename(&staging, &target)
+                    })
+                })
+                .await
             }
             Objects::S3 { op, .. } => op
                 .write(key, bytes)
@@ -265,12 +280,22 @@ impl Objects {
         }
     }
 
-    /// Makes a verified local file the object `key`: a rename on disk, a
-    /// streaming multipart upload (memory bounded by the part size) to S3.
-    /// The local file is gone afterwards either way.
+    /// Makes a verified local file the object `key`: a durable rename on
+    /// disk (see [`durable_rename`]), a streaming multipart upload (memory
+    /// bounded by the part size) to S3. The local file is gone afterwards
+    /// either way.
     pub async fn commit_file(&self, local: &Path, key: &str) -> io::Result<()> {
         match self {
-            Objects::Fs { root } => rename_into_place(local, &Self::path(root, key)).await,
+            Objects::Fs { root } => {
+                let (local, target) = (local.to_owned(), Self::path(root, key));
+                on_blocking_pool(move || {
+                    discard_on_error(&local, || {
+                        std::fs::File::open(&local)?.sync_all()?;
+                        durable_rename(&local, &target)
+                    })
+                })
+                .await
+            }
             Objects::S3 { op, .. } => {
                 let result = upload(op, local, key).await;
                 let _ = fs::remove_file(local).await;
@@ -419,28 +444,133 @@ fn walk(root: &Path, prefix: &str) -> io::Result<Vec<(String, ObjectMeta)>> {
     Ok(found)
 }
 
-/// Renames `from` to `to`, creating `to`'s parent directory if needed.
-async fn rename_into_place(from: &Path, to: &Path) -> io::Result<()> {
-    if let Some(parent) = to.parent() {
-        fs::create_dir_all(parent).await?;
-    }
-    let result = fs::rename(from, to).await;
+/// One trip to the blocking pool for a whole commit: a commit is several
+/// system calls, and each separate trip would be a chance to wait for a
+/// thread.
+async fn on_blocking_pool(
+    commit: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> io::Result<()> {
+    tokio::task::spawn_blocking(commit)
+        .await
+        .map_err(io::Error::other)?
+}
+
+/// Runs `commit`, removing the staging file if it fails: a staging file
+/// that was not committed is never needed again.
+fn discard_on_error(staging: &Path, commit: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    let result = commit();
     if result.is_err() {
-        let _ = fs::remove_file(from).await;
+        let _ = std::fs::remove_file(staging);
     }
     result
+}
+
+/// Renames a file whose data is already synced to `to`, creating `to`'s
+/// parent directory if needed, and syncs the directories changed, so after
+/// a power loss the name is there with all its bytes or not there at all.
+/// (A rename whose data was never synced can survive a crash as an empty
+/// file under a digest's name: what ext4 leaves.)
+fn durable_rename(from: &Path, to: &Path) -> io::Result<()> {
+    let parent = to
+        .parent()
+        .ok_or_else(|| io::Error::other("object path without a parent"))?;
+    create_dir_durably(parent)?;
+    std::fs::rename(from, to)?;
+    sync_dir(parent)
+}
+
+/// `create_dir_all`, syncing each directory it creates into its parent.
+fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent();
+    if let Some(parent) = parent {
+        create_dir_durably(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        // Another commit created it meanwhile (and syncs it).
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match parent {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => Ok(()),
+    }
+}
+
+/// Makes a directory's entries durable. Filesystems that cannot sync a
+/// directory say so with EINVAL; they are taken as they are (as
+/// PostgreSQL does), rather than refusing to cache at all.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::File::open(dir)?.sync_all() {
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(()),
+        other => other,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn local(root: &Path) -> Objects {
+        Objects::Fs {
+            root: root.to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn commits_create_missing_directories_and_consume_the_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = local(dir.path());
+        let staged = dir.path().join("staged");
+        std::fs::write(&staged, b"blob").unwrap();
+        objects.commit_file(&staged, "a/b/c/blob").await.unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("a/b/c/blob")).unwrap(),
+            b"blob"
+        );
+        assert!(!staged.exists());
+
+        let staging = dir.path().join("small");
+        objects
+            .write("a/b/link", b"one".to_vec(), &staging)
+            .await
+            .unwrap();
+        objects
+            .write("a/b/link", b"two".to_vec(), &staging)
+            .await
+            .unwrap();
+        assert_eq!(objects.read("a/b/link").await.unwrap().unwrap(), b"two");
+        assert!(!staging.exists());
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_removes_its_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = local(dir.path());
+        std::fs::write(dir.path().join("in-the-way"), b"a file, not a directory").unwrap();
+        let staged = dir.path().join("staged");
+        std::fs::write(&staged, b"blob").unwrap();
+        assert!(
+            objects
+                .commit_file(&staged, "in-the-way/blob")
+                .await
+                .is_err()
+        );
+        assert!(!staged.exists());
+
+        let staging = dir.path().join("small");
+        let written = objects.write("in-the-way/link", b"x".to_vec(), &staging);
+        assert!(written.await.is_err());
+        assert!(!staging.exists());
+    }
+
     #[tokio::test]
     async fn bounded_reads_return_nothing_past_the_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let objects = Objects::Fs {
-            root: dir.path().to_owned(),
-        };
+        let objects = local(dir.path());
         std::fs::write(dir.path().join("four"), b"1234").unwrap();
         let read = |key: &'static str| objects.read_within(key, 4);
         assert_eq!(read("four").await.unwrap(), Some(b"1234".to_vec()));

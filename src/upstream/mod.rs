@@ -18,7 +18,7 @@ use anyhow::Context as _;
 
 use crate::config::UpstreamConfig;
 use crate::metrics::{UpstreamLabels, UpstreamStatusLabels, metrics};
-use crate::reference::{Digest, RepoName};
+use crate::reference::{Digest, MAX_MANIFEST_BYTES, RepoName};
 use auth::{Authenticator, Credentials};
 use courtesy::{Courtesy, Slot, SlotKind};
 
@@ -55,8 +55,6 @@ pub enum UpstreamError {
 
 /// Error bodies are small; anything longer is not worth reading.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-/// The largest manifest read from an upstream: Distribution's own limit.
-pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 /// The largest tag list (one page) read from an upstream: about 300,000
 /// tags of typical length, far beyond any real repository's page.
 const MAX_TAG_LIST_BYTES: usize = 16 << 20;

@@ -105,6 +105,50 @@ impl S3Server {
         }
     }
 
+    /// Lets anyone read the bucket's objects (moto refuses anonymous
+    /// reads otherwise), so a test can look at them unsigned. Moto checks a
+    /// HEAD as `s3:HeadObject`, an action AWS does not have.
+    pub async fn allow_anonymous_reads(&self) {
+        let policy = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": ["s3:GetObject", "s3:HeadObject"],
+                "Resource": format!("arn:aws:s3:::{BUCKET}/*"),
+            }],
+        });
+        let set = http_client(Duration::from_secs(10))
+            .put(format!("{}/{BUCKET}?policy", self.endpoint))
+            .header("Content-Type", "application/json")
+            .body(policy.to_string())
+            .send()
+            .await
+            .expect("put bucket policy");
+        assert!(set.status().is_success(), "bucket policy: {}", set.status());
+    }
+
+    /// How an object is encrypted, as a HEAD reports it: the
+    /// `x-amz-server-side-encryption` algorithm and the KMS key id, if any.
+    /// Needs [`S3Server::allow_anonymous_reads`].
+    pub async fn encryption(&self, key: &str) -> (Option<String>, Option<String>) {
+        let head = http_client(Duration::from_secs(10))
+            .head(format!("{}/{BUCKET}/{key}", self.endpoint))
+            .send()
+            .await
+            .expect("head object");
+        assert!(head.status().is_success(), "HEAD {key}: {}", head.status());
+        let header = |name: &str| {
+            head.headers()
+                .get(name)
+                .map(|v| v.to_str().expect("ASCII header").to_owned())
+        };
+        (
+            header("x-amz-server-side-encryption"),
+            header("x-amz-server-side-encryption-aws-kms-key-id"),
+        )
+    }
+
     pub fn kill(&mut self) {
         self.process.kill();
     }
