@@ -70,7 +70,12 @@ async fn an_empty_blob_left_by_a_crash_is_fetched_again() {
         layer.size.to_string()
     );
     assert!(kura.pull(&image).await, "the layer was not fetched again");
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), layer.size);
+    // The pull was released once verified; the commit follows.
+    let committed = support::net::poll_until(Duration::from_secs(10), || {
+        std::fs::metadata(&path).is_ok_and(|m| m.len() == layer.size)
+    })
+    .await;
+    assert!(committed, "the layer was stored again at its full size");
     assert!(kura.log_text().contains("impossible size"));
 }
 

@@ -69,3 +69,16 @@ pub async fn wait_http(
         "GET {url} not ready after {timeout:?}; last: {last}"
     ))
 }
+
+/// Polls `condition` every [`POLL_INTERVAL`] until it holds (`true`) or
+/// `timeout` passes (`false`).
+pub async fn poll_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    true
+}
