@@ -657,8 +657,14 @@ mod tests {
             ("auth:\n  token:\n    realm: x\n", "auth.token"),
             ("http:\n  tls:\n    certificate: /c.pem\n", "http.tls.key"),
             ("http:\n  draintimeout: soon\n", "http.draintimeout"),
-            ("http:\n  timeouts:\n    header: 0\n", "http.timeouts.header"),
-            ("http:\n  timeouts:\n    idle: later\n", "http.timeouts.idle"),
+            (
+                "http:\n  timeouts:\n    header: 0\n",
+                "http.timeouts.header",
+            ),
+            (
+                "http:\n  timeouts:\n    idle: later\n",
+                "http.timeouts.idle",
+            ),
             ("http:\n  maxconnections: 0\n", "http.maxconnections"),
             ("cache:\n  maxsize: lots\n", "cache.maxsize"),
             ("cache:\n  maxsize: 5PB\n", "cache.maxsize"),
