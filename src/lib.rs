@@ -12,6 +12,7 @@ pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod gc;
 pub mod logging;
 pub mod metrics;

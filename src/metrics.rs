@@ -17,7 +17,8 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: &'static str,
-    pub method: String,
+    /// `GET`, `HEAD` or `other`: never the client's verbatim method.
+    pub method: &'static str,
     pub status: u16,
 }
 

@@ -2,21 +2,19 @@
 //! API (plain or TLS), the optional debug listener and housekeeping, and
 //! runs until SIGINT/SIGTERM, then drains within `http.draintimeout`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use axum::Router;
 use axum_server::Handle;
-use axum_server::tls_rustls::RustlsConfig;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto::Builder;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 
 use crate::api::access::Htpasswd;
 use crate::api::{ApiOptions, ops_router, router};
 use crate::cache::{Admission, Cache};
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, ConnectionLimits, UpstreamConfig};
+use crate::connections::{PeerAddr, idle_guard, limited_server, listen};
 use crate::gc;
 use crate::metrics::metrics;
 use crate::routing::Registries;
@@ -25,6 +23,10 @@ use crate::upstream::Upstream;
 
 /// How often the storage gauges are recomputed.
 const USAGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Connections the debug listener holds at most: its own pool, so that
+/// probes and scrapers there still get in when the main listener is full.
+const DEBUG_MAX_CONNECTIONS: usize = 32;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     raise_open_file_limit();
@@ -64,7 +66,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let listener = bind("http.debug.addr", addr)?;
         tracing::info!(addr = %listener.local_addr()?, "debug listener (metrics, health)");
         let debug = ops_router(registries, storage.clone());
-        tokio::spawn(serve_plain(listener, debug, handle.clone()));
+        let limits = config.http.connections;
+        tokio::spawn(serve_plain(
+            listener,
+            debug,
+            handle.clone(),
+            limits,
+            DEBUG_MAX_CONNECTIONS,
+        ));
     }
     tokio::spawn(track_storage_usage(storage.clone()));
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -80,6 +89,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
 
     let listener = bind("http.addr", &config.listen)?;
+    let limits = config.http.connections;
     tracing::info!(
         addr = %listener.local_addr()?,
         tls = config.http.tls.is_some(),
@@ -97,11 +107,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         tls.key.display()
                     )
                 })?;
-            let mut server = axum_server::from_tcp_rustls(listener, rustls)?.handle(handle);
-            bound_connection_buffers(server.http_builder());
-            server.serve(app.into_make_service()).await
+            let tls = RustlsAcceptor::new(rustls)
+                .handshake_timeout(limits.header)
+                .acceptor(idle_guard(limits));
+            limited_server(listener, limits, limits.max)
+                .handle(handle)
+                .acceptor(tls)
+                .serve(app.into_make_service())
+                .await
         }
-        None => serve_plain(listener, app, handle).await,
+        None => serve_plain(listener, app, handle, limits, limits.max).await,
     };
     // Clients were released when their bytes were verified; give those
     // downloads the drain time to commit. What is cut short can never be.
@@ -136,27 +151,22 @@ fn raise_open_file_limit() {
     }
 }
 
-fn bind(key: &str, addr: &str) -> anyhow::Result<std::net::TcpListener> {
-    std::net::TcpListener::bind(addr).with_context(|| format!("{key}: cannot listen on {addr}"))
+fn bind(key: &str, addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    listen(addr).with_context(|| format!("{key}: cannot listen on {addr}"))
 }
 
 async fn serve_plain(
-    listener: std::net::TcpListener,
+    listener: tokio::net::TcpListener,
     app: Router,
-    handle: Handle<SocketAddr>,
+    handle: Handle<PeerAddr>,
+    limits: ConnectionLimits,
+    max_connections: usize,
 ) -> std::io::Result<()> {
-    let mut server = axum_server::from_tcp(listener)?.handle(handle);
-    bound_connection_buffers(server.http_builder());
-    server.serve(app.into_make_service()).await
-}
-
-/// hyper keeps taking body chunks while less than this is buffered for a
-/// connection (default ~400 KiB). A blob chunk is 256 KiB or more, so 64 KiB
-/// means one chunk at a time: a client that reads slowly holds one chunk,
-/// not two (measured under 32 concurrent pulls: about 6 MiB less peak RSS,
-/// the same CPU). Request heads may still be up to 64 KiB.
-fn bound_connection_buffers(builder: &mut Builder<TokioExecutor>) {
-    builder.http1().max_buf_size(64 * 1024);
+    limited_server(listener, limits, max_connections)
+        .handle(handle)
+        .acceptor(idle_guard(limits))
+        .serve(app.into_make_service())
+        .await
 }
 
 /// One cache per upstream, and the download admission they share.
@@ -283,7 +293,7 @@ async fn collect_garbage(storage: Storage, policy: gc::Policy, interval: Duratio
 
 /// On SIGINT/SIGTERM: stop accepting, give in-flight responses `drain` to
 /// finish, then close what is left.
-async fn shutdown_on_signal(handle: Handle<SocketAddr>, drain: Duration) {
+async fn shutdown_on_signal(handle: Handle<PeerAddr>, drain: Duration) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing the SIGTERM handler");
     tokio::select! {

@@ -140,6 +140,9 @@ async fn a_storm_of_distinct_cold_blobs_against_a_hung_upstream_leaves_the_cache
         &[
             ("REGISTRY_PROXY_RESPONSETIMEOUT", "1s"),
             ("REGISTRY_CACHE_DOWNLOADWAIT", "3s"),
+            // Every storm request gets its own connection: this is about
+            // downloads, not the connection limit (tests/limits.rs).
+            ("REGISTRY_HTTP_MAXCONNECTIONS", "2048"),
         ],
     )
     .await;

@@ -221,7 +221,7 @@ async fn observe(access_log: bool, request: Request, next: Next) -> Response {
     m.requests
         .get_or_create(&RequestLabels {
             route,
-            method: method.to_string(),
+            method: method_label(&method),
             status,
         })
         .inc();
@@ -241,6 +241,16 @@ async fn observe(access_log: bool, request: Request, next: Next) -> Response {
         );
     }
     response
+}
+
+/// The method as a metric label: the two the API serves, or `other`, so
+/// that made-up methods cannot create a series each.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    }
 }
 
 /// A bounded set of route names for metric labels.

@@ -27,6 +27,13 @@ impl Config {
             );
         }
         http.insert("draintimeout".into(), duration(self.http.drain_timeout));
+        let limits = &self.http.connections;
+        let timeouts = map([
+            ("header", duration(limits.header)),
+            ("idle", duration(limits.idle)),
+        ]);
+        http.insert("timeouts".into(), Value::Mapping(timeouts));
+        http.insert("maxconnections".into(), Value::from(limits.max as u64));
         root.insert("http".into(), Value::Mapping(http));
         let filesystem = map([("rootdirectory", string(self.storage_root.display()))]);
         let mut storage = map([("filesystem", Value::Mapping(filesystem))]);
@@ -225,6 +232,7 @@ mod tests {
         assert!(text.contains("remoteurl: https://up.example/"), "{text}");
         assert!(text.contains("ttl: 168h"), "{text}");
         assert!(text.contains("responsetimeout: 2500ms"), "{text}");
+        assert!(text.contains("maxconnections: 512"), "{text}");
         let reparsed: Value = serde_yaml::from_str(&text).unwrap();
         assert_eq!(reparsed["proxy"]["username"], "me");
     }

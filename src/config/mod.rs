@@ -103,7 +103,7 @@ pub struct CacheConfig {
     pub download_wait: Duration,
 }
 
-/// The rest of Distribution's `http:` section.
+/// The rest of Distribution's `http:` section, and Kura's connection limits.
 #[derive(Debug, Clone, Default)]
 pub struct HttpConfig {
     /// `http.tls.certificate` and `http.tls.key` (PEM files).
@@ -112,6 +112,35 @@ pub struct HttpConfig {
     pub debug_addr: Option<String>,
     /// `http.draintimeout`: how long in-flight responses may finish on SIGTERM.
     pub drain_timeout: Duration,
+    /// `http.timeouts.*` and `http.maxconnections`.
+    pub connections: ConnectionLimits,
+}
+
+/// How long and how many client connections may hold Kura's resources.
+/// Distribution has no such keys (Go's server runs without limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// `http.timeouts.header`: a TLS handshake, and then each request head
+    /// (the first one, and on HTTP/1.1 the next one after a response), must
+    /// be complete within this.
+    pub header: Duration,
+    /// `http.timeouts.idle`: a connection that moves no byte in either
+    /// direction for this long, while Kura is not itself waiting on an
+    /// upstream for it, is closed.
+    pub idle: Duration,
+    /// `http.maxconnections`: open client connections per listener; further
+    /// ones wait in the kernel's accept queue until one closes.
+    pub max: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header: Duration::from_secs(20),
+            idle: Duration::from_secs(60),
+            max: 512,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -431,6 +460,21 @@ fn read_http(keys: &mut KeyReader) -> Result<HttpConfig, ConfigError> {
         drain_timeout: keys
             .duration("http.draintimeout")?
             .unwrap_or(Duration::from_secs(30)),
+        connections: read_connection_limits(keys)?,
+    })
+}
+
+fn read_connection_limits(keys: &mut KeyReader) -> Result<ConnectionLimits, ConfigError> {
+    let defaults = ConnectionLimits::default();
+    let mut timeout = |key: &str, default: Duration| match keys.duration(key)? {
+        None => Ok(default),
+        Some(value) if value.is_zero() => Err(invalid(key, "must be longer than 0")),
+        Some(value) => Ok(value),
+    };
+    Ok(ConnectionLimits {
+        header: timeout("http.timeouts.header", defaults.header)?,
+        idle: timeout("http.timeouts.idle", defaults.idle)?,
+        max: keys.count("http.maxconnections")?.unwrap_or(defaults.max),
     })
 }
 
@@ -654,6 +698,15 @@ mod tests {
             ("auth:\n  token:\n    realm: x\n", "auth.token"),
             ("http:\n  tls:\n    certificate: /c.pem\n", "http.tls.key"),
             ("http:\n  draintimeout: soon\n", "http.draintimeout"),
+            (
+                "http:\n  timeouts:\n    header: 0\n",
+                "http.timeouts.header",
+            ),
+            (
+                "http:\n  timeouts:\n    idle: later\n",
+                "http.timeouts.idle",
+            ),
+            ("http:\n  maxconnections: 0\n", "http.maxconnections"),
             ("cache:\n  maxsize: lots\n", "cache.maxsize"),
             ("cache:\n  maxsize: 5PB\n", "cache.maxsize"),
             (
@@ -697,6 +750,24 @@ mod tests {
         );
         let config = load_yaml("storage:\n  s3:\n    bucket: b\n    encrypt: true\n", &[]);
         assert!(config.unwrap().ignored_keys.is_empty());
+    }
+
+    #[test]
+    fn reads_connection_limits() {
+        let config = load_yaml(
+            "http:\n  maxconnections: 8\n  timeouts:\n    header: 2s\n",
+            &[("REGISTRY_HTTP_TIMEOUTS_IDLE", "90s")],
+        )
+        .unwrap();
+        assert_eq!(
+            config.http.connections,
+            ConnectionLimits {
+                header: Duration::from_secs(2),
+                idle: Duration::from_secs(90),
+                max: 8,
+            }
+        );
+        assert!(config.ignored_keys.is_empty(), "{:?}", config.ignored_keys);
     }
 
     #[test]
