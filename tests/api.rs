@@ -591,14 +591,7 @@ async fn concurrent_requests_for_one_cold_tag_share_one_upstream_request() {
         upstream_calls <= 2,
         "16 cold requests made {upstream_calls} upstream manifest requests"
     );
-    let metrics = client()
-        .get(format!("{}/metrics", kura.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = kura.metrics_text().await;
     assert!(
         metrics.contains("kura_coalesced_waiters_total"),
         "{metrics}"

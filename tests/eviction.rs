@@ -55,17 +55,6 @@ fn options(upstream: &Upstream, settings: &[(&str, &str)]) -> KuraOptions {
     options
 }
 
-async fn scrape(kura: &Kura) -> String {
-    client()
-        .get(format!("{}/metrics", kura.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of an unlabelled metric; 0 when absent.
 fn sample(metrics: &str, name: &str) -> f64 {
     metrics
@@ -115,7 +104,7 @@ async fn a_size_cap_evicts_least_recently_used_and_keeps_shared_blobs() {
     .await;
     // Two 1 MiB layers went (with their configs and manifests).
     wait_until("the eviction metrics", async || {
-        let metrics = scrape(&kura).await;
+        let metrics = kura.metrics_text().await;
         sample(&metrics, "kura_evicted_blobs_total") >= 4.0
             && sample(&metrics, "kura_evicted_bytes_total") >= (2 * mib) as f64
     })

@@ -243,14 +243,7 @@ async fn made_up_methods_do_not_grow_metrics() {
             .await
             .expect("Kura answers a made-up method");
     }
-    let metrics = client
-        .get(format!("{}/metrics", kura.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = kura.metrics_text().await;
     assert!(!metrics.contains("MADEUP"), "a made-up method is a label");
     let request_series = metrics
         .lines()

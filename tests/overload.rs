@@ -68,15 +68,9 @@ async fn assert_ready(kura: &Kura) {
 
 /// The value of a metric series (`name{labels}` as exposed), 0 if absent.
 async fn metric(kura: &Kura, series: &str) -> f64 {
-    let text = client(PROMPT)
-        .get(format!("{}/metrics", kura.url()))
-        .send()
+    kura.metrics_text()
         .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
+        .lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
 }

@@ -187,6 +187,17 @@ impl Kura {
         true
     }
 
+    /// `GET /metrics` as text; panics on failure.
+    pub async fn metrics_text(&self) -> String {
+        let client = super::net::http_client(std::time::Duration::from_secs(30));
+        let response = client.get(format!("{}/metrics", self.url())).send().await;
+        response
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// The repositories `/v2/_catalog` lists.
     pub async fn catalog(&self) -> Vec<String> {
         let body = self.get_json("/v2/_catalog").await;
