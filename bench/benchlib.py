@@ -7,6 +7,7 @@ registry HTTP API and streaming sha256 verification. Sampling: peak RSS, threads
 of the processes under test, from /proc. Loopback (127.0.0.1) only, standard library only.
 """
 import atexit
+import concurrent.futures
 import hashlib
 import http.client
 import json
@@ -321,6 +322,31 @@ def random_bytes(n):
     return buf
 
 
+RETRY_AFTER_CAP_S = 5.0  # a longer Retry-After is waited as this
+
+
+def get_retrying(c, path, headers=None, retries=5, on_retry=None):
+    """GET on connection `c`; a 503 carrying Retry-After (Kura's answer when its download
+    admission is full) is retried after that many seconds (capped), at most `retries` times.
+    Returns the last response, body unread; `on_retry()` is called once per retried answer."""
+    attempt = 0
+    while True:
+        c.request("GET", path, headers=headers or {})
+        r = c.getresponse()
+        wait = r.getheader("Retry-After")
+        if r.status != 503 or wait is None or attempt >= retries:
+            return r
+        attempt += 1
+        r.read()
+        if on_retry:
+            on_retry()
+        try:
+            seconds = float(wait)
+        except ValueError:  # an HTTP date: not what Kura sends; wait one second
+            seconds = 1.0
+        time.sleep(min(max(seconds, 0.05), RETRY_AFTER_CAP_S))
+
+
 def push_blob(port, repo, data, digest):
     c = conn(port, timeout=300)
     c.request("POST", f"/v2/{repo}/blobs/uploads/", headers={"Content-Length": "0"})
@@ -382,6 +408,47 @@ def seed_blob(port, repo, size):
     d = sha256_hex(data)
     push_blob(port, repo, data, d)
     return d
+
+
+def seed_blobs(port, repo, sizes, workers=4):
+    """Pushes one blob of random bytes per size, `workers` at a time; returns [(digest, size)]."""
+    def one(size):
+        data = random_bytes(size)
+        digest = sha256_hex(data)
+        push_blob(port, repo, data, digest)
+        return digest, size
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(one, sizes))
+
+
+def at_once(n, fn, cap, stack_kib=256):
+    """Runs fn(i) for i in range(n) on n threads released together (small stacks, so a
+    thousand cost little) and waits for them at most `cap` s; fn handles its own errors.
+    Returns (seconds from the release until the last one finished, how many still ran at the cap)."""
+    gate = threading.Barrier(n + 1, timeout=120)
+    ends = [None] * n
+
+    def run(i):
+        gate.wait()
+        try:
+            fn(i)
+        finally:
+            ends[i] = time.monotonic()
+
+    threading.stack_size(stack_kib * 1024)
+    try:
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+        for t in threads:
+            t.start()
+    finally:
+        threading.stack_size(0)
+    gate.wait()
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(max(0.1, t0 + cap - time.monotonic()))
+    done = [e for e in ends if e is not None]
+    return (max(done) - t0 if done else None), sum(1 for t in threads if t.is_alive())
 
 
 def read_verify(resp, digest, size):
