@@ -261,6 +261,7 @@ async fn metrics_move_from_misses_to_hits_and_health_answers() {
     );
     assert!(sample(&cold, "kura_upstream_requests_total", &[r#"status="200""#]) >= blobs);
 
+    kura.wait_downloads_settled().await;
     assert!(kura.pull(image).await);
     let warm = scrape(&kura).await;
     assert_eq!(

@@ -52,6 +52,9 @@ async fn what_one_replica_cached_another_serves_with_the_upstream_gone() {
         true,
     );
 
+    let mut pulled = image.all_digests();
+    pulled.extend(index.all_digests());
+    s3.wait_for_blobs(&pulled).await;
     upstream.stop();
     let via_b = skopeo_copy(
         b.addr(),
@@ -88,7 +91,17 @@ async fn two_replicas_cold_pulling_at_once_both_succeed_and_store_one_copy() {
     let image = &seeded.multilayer;
 
     let (via_a, via_b) = tokio::join!(a.pull(image), b.pull(image));
-    assert!(via_a && via_b);
+    assert!(
+        via_a,
+        "the pull through replica a failed:\n{}",
+        a.log_text()
+    );
+    assert!(
+        via_b,
+        "the pull through replica b failed:\n{}",
+        b.log_text()
+    );
+    s3.wait_for_blobs(&image.all_digests()).await;
 
     let stored: Vec<String> = s3.keys("kura/blobs/sha256/").await;
     let distinct: BTreeSet<String> = stored
@@ -284,11 +297,14 @@ async fn encrypt_and_keyid_encrypt_every_object_kura_writes() {
     assert!(s3_managed.pull(&small).await);
     assert!(kms.pull(&large).await);
 
-    s3.allow_anonymous_reads().await;
     let blob_key = |digest: &str| {
         let hex = &digest["sha256:".len()..];
         format!("kura/blobs/sha256/{}/{hex}", &hex[..2])
     };
+    let mut pulled = small.all_digests();
+    pulled.extend(large.all_digests());
+    s3.wait_for_blobs(&pulled).await;
+    s3.allow_anonymous_reads().await;
     for digest in small.all_digests() {
         let expected = (Some("AES256".into()), None);
         assert_eq!(

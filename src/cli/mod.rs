@@ -174,8 +174,19 @@ where
     run(command(config))
 }
 
+/// Threads for blocking calls (file opens, reads the page cache cannot
+/// answer, staging writes and hashes, fsyncs). tokio's default is 512;
+/// every blocking task Kura runs is one short call that never waits for
+/// another, so a burst only queues here, and 64 threads keep a storm of
+/// requests from becoming hundreds of threads.
+const MAX_BLOCKING_THREADS: usize = 64;
+
 fn run(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("kura: cannot start the async runtime: {err}");

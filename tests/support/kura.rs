@@ -198,6 +198,28 @@ impl Kura {
             .expect("metrics text")
     }
 
+    /// Waits (20 s at most, then panics) until no blob download runs: a
+    /// pull is released once its bytes are verified, and the commit
+    /// follows.
+    pub async fn wait_downloads_settled(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let metrics = self.metrics_text().await;
+            let running = metrics.lines().any(|line| {
+                line.strip_prefix("kura_downloads_in_flight ")
+                    .is_some_and(|value| value.trim() != "0")
+            });
+            if !running {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "downloads still running"
+            );
+            tokio::time::sleep(super::net::POLL_INTERVAL).await;
+        }
+    }
+
     /// The repositories `/v2/_catalog` lists.
     pub async fn catalog(&self) -> Vec<String> {
         let body = self.get_json("/v2/_catalog").await;

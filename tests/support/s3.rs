@@ -77,6 +77,30 @@ impl S3Server {
         );
     }
 
+    /// Waits (30 s at most, then panics) until every blob in `digests` is
+    /// in the bucket under the root `kura`: replicas release a client once
+    /// its bytes are verified, and upload after.
+    pub async fn wait_for_blobs(&self, digests: &std::collections::BTreeSet<String>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let stored: std::collections::BTreeSet<String> = self
+                .keys("kura/blobs/sha256/")
+                .await
+                .iter()
+                .map(|key| format!("sha256:{}", key.rsplit('/').next().unwrap_or("")))
+                .collect();
+            if digests.is_subset(&stored) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "blobs never uploaded: {:?}",
+                digests.difference(&stored).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Keys in the bucket under `prefix` (ListObjectsV2, following pages).
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
         let client = http_client(Duration::from_secs(30));
