@@ -18,6 +18,13 @@
 //! against the blob's latest use right before it happens: whatever was used
 //! since the plan was made (or within `cache.gcgrace` of it) is spared, with
 //! everything it refers to.
+//!
+//! Referrers (signatures, SBOMs) are manifests like any other: each is a
+//! root with its own last use, and its `subject` keeps the image it refers
+//! to. A cached referrers list (the index Kura answers for a subject) is
+//! bookkeeping, like a tag: it goes with its subject's link, or, when its
+//! repository never had the subject, once it was last confirmed before the
+//! plan's cut-off.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -25,7 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::reference::{Digest, MAX_MANIFEST_BYTES};
 use crate::storage::Storage;
-use crate::storage::index::ManifestLink;
+use crate::storage::index::{ManifestLink, ReferrersLink};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
@@ -41,6 +48,8 @@ pub struct Policy {
 #[derive(Debug)]
 pub struct Plan {
     pub drop_links: Vec<ManifestLink>,
+    /// Cached referrers lists whose subject their repository does not have.
+    pub drop_referrers: Vec<ReferrersLink>,
     /// Every manifest before what it refers to, so that sparing one at
     /// [`apply`] time spares its children before their turn.
     pub delete_blobs: Vec<(Digest, u64)>,
@@ -76,6 +85,10 @@ pub async fn plan(storage: &Storage, policy: &Policy, now: SystemTime) -> io::Re
     let blobs = blob_table(storage).await?;
     let links = storage.list_manifest_links().await?;
     let references = manifest_references(storage, &links, &blobs).await?;
+    let spare_used_after = now
+        .checked_sub(policy.grace)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let drop_referrers = orphan_referrers(storage, &links, spare_used_after).await?;
 
     let mut roots = Vec::new();
     let mut referenced = HashSet::new();
@@ -128,14 +141,36 @@ pub async fn plan(storage: &Storage, policy: &Policy, now: SystemTime) -> io::Re
         .collect();
     Ok(Plan {
         drop_links,
+        drop_referrers,
         delete_blobs: parents_first(delete, &references),
         kept_bytes,
         kept_blobs,
-        spare_used_after: now
-            .checked_sub(policy.grace)
-            .unwrap_or(SystemTime::UNIX_EPOCH),
+        spare_used_after,
         references,
     })
+}
+
+/// Cached referrers lists whose repository does not have their subject
+/// (a client listed referrers without pulling the image, or the subject's
+/// link went before lists went with it), last confirmed before the cut-off.
+async fn orphan_referrers(
+    storage: &Storage,
+    links: &[ManifestLink],
+    confirmed_before: SystemTime,
+) -> io::Result<Vec<ReferrersLink>> {
+    let linked: HashSet<(&str, &Digest)> = links
+        .iter()
+        .map(|link| (link.repository.as_str(), &link.digest))
+        .collect();
+    Ok(storage
+        .list_referrers()
+        .await?
+        .into_iter()
+        .filter(|list| {
+            !linked.contains(&(list.repository.as_str(), &list.subject))
+                && list.confirmed_at <= confirmed_before
+        })
+        .collect())
 }
 
 /// Orders blobs so that every manifest comes before what it refers to
@@ -372,6 +407,7 @@ impl References {
 #[derive(Debug, Default)]
 pub struct Applied {
     pub dropped_links: usize,
+    pub dropped_referrers: usize,
     pub deleted_blobs: usize,
     pub freed_bytes: u64,
     /// Links and blobs the plan would have removed that were used since it
@@ -381,7 +417,7 @@ pub struct Applied {
 
 impl Applied {
     pub fn removed_anything(&self) -> bool {
-        self.dropped_links + self.deleted_blobs > 0
+        self.dropped_links + self.dropped_referrers + self.deleted_blobs > 0
     }
 }
 
@@ -404,6 +440,14 @@ pub async fn apply(
         }
         storage.remove_manifest_link(link).await?;
         applied.dropped_links += 1;
+    }
+    for list in &plan.drop_referrers {
+        if recheck.spares_referrers(list).await? {
+            applied.spared += 1;
+            continue;
+        }
+        storage.remove_referrers(list).await?;
+        applied.dropped_referrers += 1;
     }
     for (digest, size) in &plan.delete_blobs {
         if recheck.spares(digest).await? {
@@ -466,6 +510,16 @@ impl<'a> Recheck<'a> {
         }
         self.spared
             .extend(closure_of(digest, &self.plan.references));
+        Ok(true)
+    }
+
+    /// Whether a referrers list must stay: confirmed again since the plan,
+    /// or its repository has its subject by now.
+    async fn spares_referrers(&self, list: &ReferrersLink) -> io::Result<bool> {
+        let confirmed = self.storage.referrers_confirmed_at(list).await?;
+        if confirmed.is_none_or(|at| at <= self.plan.spare_used_after) {
+            return self.storage.has_subject(list).await;
+        }
         Ok(true)
     }
 }
