@@ -662,6 +662,81 @@ mod tests {
         assert!(storage.blob_size(&unused).await.unwrap().is_none());
     }
 
+    /// Stores an (empty) referrers list for `subject` in `repository`,
+    /// last confirmed `age` ago.
+    async fn referrers_list(storage: &Storage, repository: &str, subject: &Digest, age: Duration) {
+        let name = RepoName::parse(repository).unwrap();
+        storage
+            .set_referrers(&name, subject, br#"{"manifests":[]}"#)
+            .await
+            .unwrap();
+        let path = storage.local_root().join(format!(
+            "repositories/{repository}/_referrers/sha256/{}",
+            subject.hex()
+        ));
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    #[tokio::test]
+    async fn referrers_lists_go_with_their_subject_or_as_orphans_once_unconfirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = local_storage(&dir).await;
+        let kept = put(&storage, b"kept image", Duration::ZERO).await;
+        let expired = put(&storage, b"expired image", 2 * HOUR).await;
+        let never_pulled = Digest::of_bytes(b"listed, never pulled");
+        link(&storage, "app", &kept).await;
+        link(&storage, "app", &expired).await;
+        referrers_list(&storage, "app", &kept, 2 * HOUR).await;
+        referrers_list(&storage, "app", &expired, 2 * HOUR).await;
+        referrers_list(&storage, "app", &never_pulled, 2 * HOUR).await;
+        // The same subject in a repository that lacks it: an orphan, but
+        // one confirmed within the grace period stays.
+        referrers_list(&storage, "other", &kept, 2 * HOUR).await;
+        referrers_list(&storage, "recent", &never_pulled, Duration::ZERO).await;
+
+        let policy = Policy {
+            ttl: Some(HOUR),
+            max_size: None,
+            grace: Duration::from_secs(60),
+        };
+        let now = SystemTime::now();
+        let plan = plan(&storage, &policy, now).await.unwrap();
+        let mut orphans: Vec<(String, Digest)> = plan
+            .drop_referrers
+            .iter()
+            .map(|l| (l.repository.clone(), l.subject.clone()))
+            .collect();
+        orphans.sort();
+        assert_eq!(
+            orphans,
+            vec![
+                ("app".to_owned(), never_pulled.clone()),
+                ("other".to_owned(), kept.clone())
+            ]
+        );
+        let applied = apply(&storage, &plan, &policy, now).await.unwrap();
+        assert_eq!(applied.dropped_referrers, 2);
+        assert_eq!(applied.dropped_links, 1);
+
+        let mut left: Vec<(String, Digest)> = storage
+            .list_referrers()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.repository, l.subject))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![
+                ("app".to_owned(), kept.clone()),
+                ("recent".to_owned(), never_pulled)
+            ],
+            "the expired subject's list went with its link"
+        );
+    }
+
     #[test]
     fn removals_list_every_manifest_before_what_it_refers_to() {
         let d = |c: char| Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap();
