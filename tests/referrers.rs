@@ -342,6 +342,19 @@ async fn pages_of_a_referrers_api_are_merged_bounded_and_kept_on_its_origin() {
         );
     }
 
+    let head = http()
+        .head(format!("{base}/{subject}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    let length = serde_json::to_vec(&all.index).unwrap().len().to_string();
+    assert_eq!(
+        head.headers()["content-length"].to_str().unwrap(),
+        length,
+        "HEAD announces the GET's length"
+    );
+
     let signatures = list(&format!("{base}/{subject}?artifactType={SIGNATURE_TYPE}")).await;
     assert_eq!(signatures.filters_applied.as_deref(), Some("artifactType"));
     let expected: Vec<Value> = ReferrersApi::paged_referrers()

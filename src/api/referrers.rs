@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
 use super::Outcome;
 use super::error::ApiError;
@@ -17,7 +17,7 @@ use crate::cache::referrers::INDEX_MEDIA_TYPE;
 use crate::metrics::metrics;
 use crate::reference::{Digest, RepoName};
 
-pub const FILTERS_APPLIED_HEADER: &str = "oci-filters-applied";
+const FILTERS_APPLIED_HEADER: &str = "oci-filters-applied";
 
 pub async fn serve(
     cache: &Arc<Cache>,
@@ -52,7 +52,7 @@ pub async fn serve(
     };
     let mut response = builder
         .body(body)
-        .unwrap_or_else(|e| axum::response::IntoResponse::into_response(ApiError::internal(e)));
+        .unwrap_or_else(|e| ApiError::internal(e).into_response());
     response.extensions_mut().insert(outcome);
     Ok(response)
 }
