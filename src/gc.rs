@@ -18,6 +18,13 @@
 //! against the blob's latest use right before it happens: whatever was used
 //! since the plan was made (or within `cache.gcgrace` of it) is spared, with
 //! everything it refers to.
+//!
+//! Referrers (signatures, SBOMs) are manifests like any other: each is a
+//! root with its own last use, and its `subject` keeps the image it refers
+//! to. A cached referrers list (the index Kura answers for a subject) is
+//! bookkeeping, like a tag: it goes with its subject's link, or, when its
+//! repository never had the subject, once it was last confirmed before the
+//! plan's cut-off.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -25,7 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::reference::{Digest, MAX_MANIFEST_BYTES};
 use crate::storage::Storage;
-use crate::storage::index::ManifestLink;
+use crate::storage::index::{ManifestLink, ReferrersLink};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
@@ -41,6 +48,8 @@ pub struct Policy {
 #[derive(Debug)]
 pub struct Plan {
     pub drop_links: Vec<ManifestLink>,
+    /// Cached referrers lists whose subject their repository does not have.
+    pub drop_referrers: Vec<ReferrersLink>,
     /// Every manifest before what it refers to, so that sparing one at
     /// [`apply`] time spares its children before their turn.
     pub delete_blobs: Vec<(Digest, u64)>,
@@ -76,6 +85,10 @@ pub async fn plan(storage: &Storage, policy: &Policy, now: SystemTime) -> io::Re
     let blobs = blob_table(storage).await?;
     let links = storage.list_manifest_links().await?;
     let references = manifest_references(storage, &links, &blobs).await?;
+    let spare_used_after = now
+        .checked_sub(policy.grace)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let drop_referrers = orphan_referrers(storage, &links, spare_used_after).await?;
 
     let mut roots = Vec::new();
     let mut referenced = HashSet::new();
@@ -128,14 +141,36 @@ pub async fn plan(storage: &Storage, policy: &Policy, now: SystemTime) -> io::Re
         .collect();
     Ok(Plan {
         drop_links,
+        drop_referrers,
         delete_blobs: parents_first(delete, &references),
         kept_bytes,
         kept_blobs,
-        spare_used_after: now
-            .checked_sub(policy.grace)
-            .unwrap_or(SystemTime::UNIX_EPOCH),
+        spare_used_after,
         references,
     })
+}
+
+/// Cached referrers lists whose repository does not have their subject
+/// (a client listed referrers without pulling the image, or the subject's
+/// link went before lists went with it), last confirmed before the cut-off.
+async fn orphan_referrers(
+    storage: &Storage,
+    links: &[ManifestLink],
+    confirmed_before: SystemTime,
+) -> io::Result<Vec<ReferrersLink>> {
+    let linked: HashSet<(&str, &Digest)> = links
+        .iter()
+        .map(|link| (link.repository.as_str(), &link.digest))
+        .collect();
+    Ok(storage
+        .list_referrers()
+        .await?
+        .into_iter()
+        .filter(|list| {
+            !linked.contains(&(list.repository.as_str(), &list.subject))
+                && list.confirmed_at <= confirmed_before
+        })
+        .collect())
 }
 
 /// Orders blobs so that every manifest comes before what it refers to
@@ -372,6 +407,7 @@ impl References {
 #[derive(Debug, Default)]
 pub struct Applied {
     pub dropped_links: usize,
+    pub dropped_referrers: usize,
     pub deleted_blobs: usize,
     pub freed_bytes: u64,
     /// Links and blobs the plan would have removed that were used since it
@@ -381,7 +417,7 @@ pub struct Applied {
 
 impl Applied {
     pub fn removed_anything(&self) -> bool {
-        self.dropped_links + self.deleted_blobs > 0
+        self.dropped_links + self.dropped_referrers + self.deleted_blobs > 0
     }
 }
 
@@ -404,6 +440,14 @@ pub async fn apply(
         }
         storage.remove_manifest_link(link).await?;
         applied.dropped_links += 1;
+    }
+    for list in &plan.drop_referrers {
+        if recheck.spares_referrers(list).await? {
+            applied.spared += 1;
+            continue;
+        }
+        storage.remove_referrers(list).await?;
+        applied.dropped_referrers += 1;
     }
     for (digest, size) in &plan.delete_blobs {
         if recheck.spares(digest).await? {
@@ -466,6 +510,16 @@ impl<'a> Recheck<'a> {
         }
         self.spared
             .extend(closure_of(digest, &self.plan.references));
+        Ok(true)
+    }
+
+    /// Whether a referrers list must stay: confirmed again since the plan,
+    /// or its repository has its subject by now.
+    async fn spares_referrers(&self, list: &ReferrersLink) -> io::Result<bool> {
+        let confirmed = self.storage.referrers_confirmed_at(list).await?;
+        if confirmed.is_none_or(|at| at <= self.plan.spare_used_after) {
+            return self.storage.has_subject(list).await;
+        }
         Ok(true)
     }
 }
@@ -606,6 +660,81 @@ mod tests {
             );
         }
         assert!(storage.blob_size(&unused).await.unwrap().is_none());
+    }
+
+    /// Stores an (empty) referrers list for `subject` in `repository`,
+    /// last confirmed `age` ago.
+    async fn referrers_list(storage: &Storage, repository: &str, subject: &Digest, age: Duration) {
+        let name = RepoName::parse(repository).unwrap();
+        storage
+            .set_referrers(&name, subject, br#"{"manifests":[]}"#)
+            .await
+            .unwrap();
+        let path = storage.local_root().join(format!(
+            "repositories/{repository}/_referrers/sha256/{}",
+            subject.hex()
+        ));
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    #[tokio::test]
+    async fn referrers_lists_go_with_their_subject_or_as_orphans_once_unconfirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = local_storage(&dir).await;
+        let kept = put(&storage, b"kept image", Duration::ZERO).await;
+        let expired = put(&storage, b"expired image", 2 * HOUR).await;
+        let never_pulled = Digest::of_bytes(b"listed, never pulled");
+        link(&storage, "app", &kept).await;
+        link(&storage, "app", &expired).await;
+        referrers_list(&storage, "app", &kept, 2 * HOUR).await;
+        referrers_list(&storage, "app", &expired, 2 * HOUR).await;
+        referrers_list(&storage, "app", &never_pulled, 2 * HOUR).await;
+        // The same subject in a repository that lacks it: an orphan, but
+        // one confirmed within the grace period stays.
+        referrers_list(&storage, "other", &kept, 2 * HOUR).await;
+        referrers_list(&storage, "recent", &never_pulled, Duration::ZERO).await;
+
+        let policy = Policy {
+            ttl: Some(HOUR),
+            max_size: None,
+            grace: Duration::from_secs(60),
+        };
+        let now = SystemTime::now();
+        let plan = plan(&storage, &policy, now).await.unwrap();
+        let mut orphans: Vec<(String, Digest)> = plan
+            .drop_referrers
+            .iter()
+            .map(|l| (l.repository.clone(), l.subject.clone()))
+            .collect();
+        orphans.sort();
+        assert_eq!(
+            orphans,
+            vec![
+                ("app".to_owned(), never_pulled.clone()),
+                ("other".to_owned(), kept.clone())
+            ]
+        );
+        let applied = apply(&storage, &plan, &policy, now).await.unwrap();
+        assert_eq!(applied.dropped_referrers, 2);
+        assert_eq!(applied.dropped_links, 1);
+
+        let mut left: Vec<(String, Digest)> = storage
+            .list_referrers()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.repository, l.subject))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![
+                ("app".to_owned(), kept.clone()),
+                ("recent".to_owned(), never_pulled)
+            ],
+            "the expired subject's list went with its link"
+        );
     }
 
     #[test]

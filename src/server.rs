@@ -202,12 +202,10 @@ fn cache_for(
     let client = Upstream::new(upstream)
         .with_context(|| format!("{label}: cannot build upstream client"))?;
     tracing::info!(registry = label, url = %upstream.url, tagttl = ?upstream.tag_ttl, "upstream configured");
-    let cache = Arc::new(Cache::new(
-        storage,
-        client,
-        upstream.tag_ttl,
-        admission.clone(),
-    ));
+    let cache = Arc::new(
+        Cache::new(storage, client, upstream.tag_ttl, admission.clone())
+            .with_referrers_ttl(upstream.referrers_ttl()),
+    );
     Ok((cache, upstream.aliases()))
 }
 
@@ -279,6 +277,7 @@ async fn collect_garbage(storage: Storage, policy: gc::Policy, interval: Duratio
                 metrics().evicted_bytes.inc_by(applied.freed_bytes);
                 tracing::info!(
                     manifests = applied.dropped_links,
+                    referrers_lists = applied.dropped_referrers,
                     blobs = applied.deleted_blobs,
                     freed_bytes = applied.freed_bytes,
                     spared_as_used_since = applied.spared,

@@ -26,6 +26,13 @@ fuzz_target!(|data: &[u8]| {
                 "not the last /manifests/: {path:?}"
             );
         }
+        Route::Referrers { name, digest } => {
+            assert!(path.contains(name) && path.ends_with(digest));
+            assert!(
+                !digest.contains('/'),
+                "not the last segment after /referrers/: {path:?}"
+            );
+        }
         Route::Blob { name, digest } => {
             assert!(path.contains(name) && path.ends_with(digest));
             assert!(

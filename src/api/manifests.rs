@@ -15,7 +15,7 @@ use crate::reference::{Reference, RepoName};
 
 /// RFC 7234 warning 110: the response is stale (the upstream could not
 /// confirm the tag).
-const STALE_WARNING: &str = "110 kura \"Response is Stale\"";
+pub(super) const STALE_WARNING: &str = "110 kura \"Response is Stale\"";
 
 pub async fn serve(
     cache: &Arc<Cache>,

@@ -3,7 +3,7 @@
 //! Every request goes through [`dispatch`], which recognises the route
 //! ([`route`]), validates names/references/digests ([`crate::reference`])
 //! before anything touches storage, and hands over to [`manifests`],
-//! [`blobs`] or [`listing`]. Errors are OCI error JSON ([`error`]).
+//! [`blobs`], [`referrers`] or [`listing`]. Errors are OCI error JSON ([`error`]).
 
 pub mod access;
 pub mod blobs;
@@ -11,6 +11,7 @@ pub mod error;
 pub mod listing;
 pub mod manifests;
 pub mod ops;
+pub mod referrers;
 pub mod route;
 
 use std::sync::Arc;
@@ -143,6 +144,12 @@ async fn handle(
             let digest = parse_digest(digest)?;
             blobs::serve(&routed.cache, &repo, &digest, head, headers).await
         }
+        Route::Referrers { name, digest } => {
+            let routed = state.registries.route(name, ns)?;
+            let repo = parse_name(routed.name)?;
+            let digest = parse_digest(digest)?;
+            referrers::serve(&routed.cache, &repo, &digest, query, head).await
+        }
         Route::Upload => Err(read_only()),
     }
 }
@@ -261,6 +268,7 @@ fn route_label(path: &str) -> &'static str {
         Some(Route::Tags { .. }) => "tags",
         Some(Route::Manifest { .. }) => "manifest",
         Some(Route::Blob { .. }) => "blob",
+        Some(Route::Referrers { .. }) => "referrers",
         Some(Route::Upload) => "upload",
         None => match path {
             "/metrics" => "metrics",

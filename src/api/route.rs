@@ -1,6 +1,6 @@
 //! Maps a request path onto the registry API. Repository names contain
 //! slashes, so routes are recognised from the right: the last
-//! `/manifests/`, `/blobs/` or `/tags/list` decides.
+//! `/manifests/`, `/blobs/`, `/referrers/` or `/tags/list` decides.
 
 /// A recognised `/v2/...` path, with its parts still unvalidated.
 #[derive(Debug, PartialEq, Eq)]
@@ -15,6 +15,8 @@ pub enum Route<'a> {
     Manifest { name: &'a str, reference: &'a str },
     /// `/v2/<name>/blobs/<digest>`.
     Blob { name: &'a str, digest: &'a str },
+    /// `/v2/<name>/referrers/<digest>`: what refers to a subject manifest.
+    Referrers { name: &'a str, digest: &'a str },
     /// `/v2/<name>/blobs/uploads/...`: the push side, which a cache refuses.
     Upload,
 }
@@ -33,6 +35,13 @@ pub fn parse(path: &str) -> Option<Route<'_>> {
     }
     if rest.contains("/blobs/uploads") {
         return Some(Route::Upload);
+    }
+    // A digest has no `/`: one after `/referrers/` means the last segment
+    // is something else, in a repository with `referrers` in its name.
+    if let Some((name, digest)) = rest.rsplit_once("/referrers/")
+        && !digest.contains('/')
+    {
+        return Some(Route::Referrers { name, digest });
     }
     if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
         return Some(Route::Manifest { name, reference });
@@ -78,6 +87,27 @@ mod tests {
             })
         );
         assert_eq!(parse("/v2/a/blobs/uploads/"), Some(Route::Upload));
+        assert_eq!(
+            parse("/v2/a/b/referrers/sha256:00"),
+            Some(Route::Referrers {
+                name: "a/b",
+                digest: "sha256:00"
+            })
+        );
+        assert_eq!(
+            parse("/v2/x/referrers/y/manifests/latest"),
+            Some(Route::Manifest {
+                name: "x/referrers/y",
+                reference: "latest"
+            })
+        );
+        assert_eq!(
+            parse("/v2/x/manifests/y/referrers/sha256:00"),
+            Some(Route::Referrers {
+                name: "x/manifests/y",
+                digest: "sha256:00"
+            })
+        );
         assert_eq!(parse("/v2/a/other"), None);
         assert_eq!(parse("/v1/_ping"), None);
         assert_eq!(parse("/v2x"), None);

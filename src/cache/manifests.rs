@@ -259,7 +259,7 @@ impl Cache {
 
 /// A write that only records what the cache holds failed (disk full, I/O
 /// error): the request it belongs to is still answered.
-fn bookkeeping_failed(what: &str, name: &RepoName, err: impl std::fmt::Display) {
+pub(super) fn bookkeeping_failed(what: &str, name: &RepoName, err: impl std::fmt::Display) {
     tracing::warn!(%name, error = %err, "cannot store {what}; served anyway");
 }
 
@@ -275,7 +275,7 @@ fn embedded_media_type(bytes: &[u8]) -> Option<String> {
 
 /// A shared upstream fetch that ran past its deadline (see
 /// [`crate::upstream::Upstream::fetch_deadline`]).
-fn fetch_overran() -> ApiError {
+pub(super) fn fetch_overran() -> ApiError {
     ApiError::new(
         ErrorCode::Unavailable,
         "upstream registry too slow and content not cached",

@@ -5,11 +5,13 @@
 //! - [`manifests`]: manifests by digest and by tag, tag freshness, stale serving.
 //! - [`blobs`]: blob downloads that stream to clients while filling the cache.
 //! - [`tags`]: tag lists, from upstream or from what is cached.
+//! - [`referrers`]: a subject's referrers (API or tag schema), cached like a tag.
 
 pub mod blobs;
 pub mod download;
 mod follower;
 pub mod manifests;
+pub mod referrers;
 pub mod singleflight;
 pub mod tags;
 
@@ -23,6 +25,7 @@ use crate::upstream::{Upstream, UpstreamError};
 pub use blobs::{BlobBody, BlobStat};
 pub use download::Admission;
 pub use manifests::Manifest;
+pub use referrers::Referrers;
 
 pub struct Cache {
     storage: Storage,
@@ -31,6 +34,11 @@ pub struct Cache {
     tag_flights: singleflight::Flights<(RepoName, Tag), Result<Manifest, ApiError>>,
     digest_flights: singleflight::Flights<(RepoName, Digest), Result<Manifest, ApiError>>,
     downloads: download::Downloads,
+    /// `referrersttl`: how long a cached referrers list is fresh.
+    referrers_ttl: Duration,
+    /// A referrers fetch may try the API, then revalidate the referrers
+    /// tag: twice a metadata fetch's deadline.
+    referrer_flights: singleflight::Flights<(RepoName, Digest), Result<Referrers, ApiError>>,
 }
 
 impl Cache {
@@ -44,9 +52,19 @@ impl Cache {
             tag_flights: singleflight::Flights::new(upstream.fetch_deadline()),
             digest_flights: singleflight::Flights::new(upstream.fetch_deadline()),
             downloads: download::Downloads::new(admission),
+            referrers_ttl: tag_ttl,
+            referrer_flights: singleflight::Flights::new(2 * upstream.fetch_deadline()),
             storage,
             upstream,
             tag_ttl,
+        }
+    }
+
+    /// Referrers lists fresh for `ttl` instead of `tagttl`.
+    pub fn with_referrers_ttl(self, ttl: Duration) -> Self {
+        Self {
+            referrers_ttl: ttl,
+            ..self
         }
     }
 }

@@ -75,6 +75,10 @@ enum Command {
         /// (default: all platforms).
         #[arg(long)]
         platform: Option<String>,
+        /// Skip the referrers (signatures, SBOMs, attestations) of each
+        /// warmed manifest, which are fetched too by default.
+        #[arg(long)]
+        no_referrers: bool,
     },
 }
 
@@ -138,7 +142,10 @@ pub fn main() -> ExitCode {
             settings,
             images,
             platform,
-        } => tool(settings, move |c| warm::warm(c, images, platform)),
+            no_referrers,
+        } => tool(settings, move |c| {
+            warm::warm(c, images, platform, !no_referrers)
+        }),
     }
 }
 

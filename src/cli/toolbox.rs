@@ -76,6 +76,9 @@ pub async fn gc(config: Config, dry_run: bool) -> anyhow::Result<()> {
     for link in &plan.drop_links {
         println!("manifest {}@{}", link.repository, link.digest);
     }
+    for list in &plan.drop_referrers {
+        println!("referrers list {}@{}", list.repository, list.subject);
+    }
     for (digest, size) in &plan.delete_blobs {
         println!("blob {digest} ({})", human_bytes(*size));
     }

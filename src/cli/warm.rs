@@ -1,6 +1,9 @@
 //! `kura warm IMAGE...`: pre-fetches images through the same cache logic
-//! the server uses (routing, auth, verification), printing progress.
+//! the server uses (routing, auth, verification), printing progress; with
+//! them, unless `--no-referrers`, the referrers of every manifest warmed
+//! (signatures, SBOMs), so they can be verified with the upstream gone.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,10 +16,16 @@ use crate::config::Config;
 use crate::gc::References;
 use crate::reference::{Digest, Reference, RepoName};
 
+/// Levels of referrers warmed: an image's, and theirs (the signature of an
+/// SBOM). Deeper chains are not in use, and each level costs a list
+/// request per manifest of the one before.
+const REFERRER_LEVELS: usize = 2;
+
 pub async fn warm(
     config: Config,
     images: Vec<String>,
     platform: Option<String>,
+    with_referrers: bool,
 ) -> anyhow::Result<()> {
     let storage = config.storage()?.prepare().await.with_context(|| {
         format!(
@@ -35,9 +44,16 @@ pub async fn warm(
         let reference =
             Reference::parse(reference).map_err(|_| anyhow!("{image}: invalid tag or digest"))?;
         println!("{image}");
-        warm_image(&routed.cache, &repo, &reference, platform.as_deref())
+        let warmed = warm_image(&routed.cache, &repo, &reference, platform.as_deref())
             .await
             .with_context(|| format!("warming {image}"))?;
+        if with_referrers {
+            warm_referrers(&routed.cache, &repo, warmed)
+                .await
+                .with_context(|| {
+                    format!("warming the referrers of {image} (--no-referrers skips them)")
+                })?;
+        }
     }
     // The last blob was read once verified; its commit may still run.
     downloads.settled().await;
@@ -59,22 +75,57 @@ fn split_image(image: &str) -> anyhow::Result<(&str, &str)> {
     }
 }
 
+/// Warms a manifest, its children (of `platform`) and their blobs;
+/// returns the digests of the manifests warmed.
 async fn warm_image(
     cache: &Arc<Cache>,
     repo: &RepoName,
     reference: &Reference,
     platform: Option<&str>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<Digest>> {
     let manifest = cache.manifest(repo, reference).await?;
     println!("  manifest {} ({})", manifest.digest, manifest.media_type);
+    let mut warmed = vec![manifest.digest.clone()];
     let children = index_children(&manifest.bytes, platform);
     if children.is_empty() {
-        return warm_blobs(cache, repo, &manifest.bytes).await;
+        warm_blobs(cache, repo, &manifest.bytes).await?;
+        return Ok(warmed);
     }
     for (digest, child_platform) in children {
         let child = cache.manifest(repo, &Reference::Digest(digest)).await?;
         println!("  {child_platform}: manifest {}", child.digest);
         warm_blobs(cache, repo, &child.bytes).await?;
+        warmed.push(child.digest);
+    }
+    Ok(warmed)
+}
+
+/// Warms the referrers of `subjects` (their lists, manifests and blobs),
+/// then theirs, [`REFERRER_LEVELS`] deep, each manifest once.
+async fn warm_referrers(
+    cache: &Arc<Cache>,
+    repo: &RepoName,
+    mut subjects: Vec<Digest>,
+) -> anyhow::Result<()> {
+    let mut seen: HashSet<Digest> = subjects.iter().cloned().collect();
+    for _ in 0..REFERRER_LEVELS {
+        let mut next = Vec::new();
+        for subject in &subjects {
+            let listed = cache.referrers(repo, subject).await?;
+            for referrer in listed.referrers.iter() {
+                if !seen.insert(referrer.digest.clone()) {
+                    continue;
+                }
+                let kind = referrer
+                    .artifact_type
+                    .as_deref()
+                    .unwrap_or("no artifact type");
+                println!("  referrer of {subject}: {kind}");
+                let reference = Reference::Digest(referrer.digest.clone());
+                next.extend(warm_image(cache, repo, &reference, None).await?);
+            }
+        }
+        subjects = next;
     }
     Ok(())
 }
@@ -109,10 +160,14 @@ fn index_children(bytes: &[u8], platform: Option<&str>) -> Vec<(Digest, String)>
         .collect()
 }
 
+/// The blobs a manifest refers to (config, layers, artifact blobs); not
+/// the manifests (a referrer's `subject`), which are no blobs upstream.
 async fn warm_blobs(cache: &Arc<Cache>, repo: &RepoName, manifest: &[u8]) -> anyhow::Result<()> {
-    for digest in References::of(manifest).all {
+    let references = References::of(manifest);
+    let blobs = (references.all.iter()).filter(|digest| !references.manifests.contains(digest));
+    for digest in blobs {
         let started = Instant::now();
-        let blob = cache.open_blob(repo, &digest).await?;
+        let blob = cache.open_blob(repo, digest).await?;
         let size = blob.size;
         // A cached blob is there already: reading it back would prove
         // nothing `kura verify` does not (and on S3 costs a download).

@@ -141,6 +141,7 @@ fn upstream_map(upstream: &UpstreamConfig) -> Mapping {
     }
     entry.insert("insecure".into(), Value::Bool(upstream.insecure));
     entry.insert("tagttl".into(), duration(upstream.tag_ttl));
+    entry.insert("referrersttl".into(), duration(upstream.referrers_ttl()));
     entry.insert("connecttimeout".into(), duration(upstream.connect_timeout));
     entry.insert(
         "responsetimeout".into(),

@@ -681,6 +681,28 @@ mod tests {
     }
 
     #[test]
+    fn referrers_ttl_follows_each_upstreams_tagttl_unless_set() {
+        let yaml = "proxy:\n  remoteurl: https://up.example\n  tagttl: 5m\nupstreams:\n  - name: ghcr.io\n    remoteurl: https://ghcr.io\n    tagttl: 2m\n  - name: quay.io\n    remoteurl: https://quay.io\n    referrersttl: 1h\n";
+        let config = load_yaml(yaml, &[]).unwrap();
+        let ttl = |i: usize| config.upstreams[i].referrers_ttl();
+        let proxy = config.default_upstream.as_ref().unwrap();
+        assert_eq!(proxy.referrers_ttl(), Duration::from_secs(300));
+        assert_eq!(ttl(0), Duration::from_secs(120));
+        assert_eq!(ttl(1), Duration::from_secs(3600));
+
+        let env = [("REGISTRY_PROXY_REFERRERSTTL", "30s")];
+        let config = load_yaml(yaml, &env).unwrap();
+        let proxy = config.default_upstream.as_ref().unwrap();
+        assert_eq!(proxy.referrers_ttl(), Duration::from_secs(30));
+        assert_eq!(
+            config.upstreams[0].referrers_ttl(),
+            Duration::from_secs(30),
+            "an upstream without its own takes proxy.referrersttl"
+        );
+        assert!(config.ignored_keys.is_empty(), "{:?}", config.ignored_keys);
+    }
+
+    #[test]
     fn invalid_values_name_the_key() {
         let cases = [
             ("proxy:\n  ttl: forever\n", "proxy.ttl"),

@@ -27,6 +27,9 @@ pub struct UpstreamConfig {
     pub password: Option<Secret>,
     /// `tagttl`: how long a resolved tag is served without asking upstream.
     pub tag_ttl: Duration,
+    /// `referrersttl`: how long a cached referrers list is served without
+    /// asking upstream; `None` follows `tag_ttl` (see [`Self::referrers_ttl`]).
+    pub referrers_ttl: Option<Duration>,
     /// `cafile`: extra PEM root certificate(s) for a private CA.
     pub ca_file: Option<PathBuf>,
     /// `insecure`: skip TLS certificate verification (test setups only).
@@ -48,6 +51,12 @@ impl UpstreamConfig {
         self.url
             .host_str()
             .is_some_and(|host| DOCKER_HUB_ALIASES.contains(&host))
+    }
+
+    /// How long a cached referrers list is fresh: `referrersttl`, or like a
+    /// tag (a signature is attached to an image much as a tag is moved).
+    pub fn referrers_ttl(&self) -> Duration {
+        self.referrers_ttl.unwrap_or(self.tag_ttl)
     }
 
     /// Names under which clients may address this upstream with `ns=`.
@@ -98,6 +107,7 @@ pub fn read_upstream(
         username: keys.string(&key("username"))?.filter(|u| !u.is_empty()),
         password: password.filter(|p| !p.is_empty()).map(Secret::from),
         tag_ttl: keys.duration(&key("tagttl"))?.unwrap_or(base.tag_ttl),
+        referrers_ttl: keys.duration(&key("referrersttl"))?.or(base.referrers_ttl),
         ca_file: keys
             .string(&key("cafile"))?
             .map(PathBuf::from)
@@ -126,6 +136,7 @@ pub fn builtin_defaults() -> UpstreamConfig {
         username: None,
         password: None,
         tag_ttl: Duration::from_secs(60),
+        referrers_ttl: None,
         ca_file: None,
         insecure: false,
         connect_timeout: Duration::from_secs(2),

@@ -1,5 +1,6 @@
 //! The per-repository index: which manifests a repository has (with their
-//! media type) and which digest each tag last resolved to.
+//! media type), which digest each tag last resolved to, and the referrers
+//! list last fetched for a subject digest.
 
 use std::collections::BTreeSet;
 use std::io;
@@ -11,6 +12,8 @@ use crate::reference::{Digest, RepoName, Tag};
 const REPOSITORIES_PREFIX: &str = "repositories/";
 const REVISIONS: &str = "/_manifests/revisions/sha256/";
 const TAGS: &str = "/_manifests/tags/";
+/// `_` cannot start a name component, so this never clashes with a name.
+const REFERRERS: &str = "/_referrers/sha256/";
 
 /// A tag's cached resolution.
 #[derive(Debug, Clone)]
@@ -18,6 +21,36 @@ pub struct TagLink {
     pub digest: Digest,
     /// When the upstream last confirmed this mapping.
     pub confirmed_at: SystemTime,
+}
+
+/// A cached referrers list (an OCI image index, as Kura serves it unfiltered).
+#[derive(Debug, Clone)]
+pub struct StoredReferrers {
+    pub index: Vec<u8>,
+    /// When the upstream last confirmed this list.
+    pub confirmed_at: SystemTime,
+}
+
+/// A cached referrers list, wherever it lives (for collection).
+#[derive(Debug, Clone)]
+pub struct ReferrersLink {
+    /// The repository as clients address it (`ghcr.io/org/app`).
+    pub repository: String,
+    pub subject: Digest,
+    pub confirmed_at: SystemTime,
+}
+
+impl ReferrersLink {
+    fn key(&self) -> String {
+        referrers_key(&self.repository, &self.subject)
+    }
+}
+
+fn referrers_key(repository: &str, subject: &Digest) -> String {
+    format!(
+        "{REPOSITORIES_PREFIX}{repository}{REFERRERS}{}",
+        subject.hex()
+    )
 }
 
 /// A manifest a repository has cached, wherever it lives.
@@ -39,6 +72,11 @@ impl ManifestLink {
 
     fn tags_prefix(&self) -> String {
         format!("{REPOSITORIES_PREFIX}{}{TAGS}", self.repository)
+    }
+
+    /// The referrers list cached for this manifest as a subject.
+    fn referrers_key(&self) -> String {
+        referrers_key(&self.repository, &self.digest)
     }
 }
 
@@ -111,6 +149,83 @@ impl Storage {
         self.objects.delete(&self.tag_key(name, tag)).await
     }
 
+    /// The referrers list cached for `subject`, if any; `None` too when it
+    /// is larger than `limit` (no list Kura writes is).
+    pub async fn referrers(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        limit: usize,
+    ) -> io::Result<Option<StoredReferrers>> {
+        let key = self.referrers_key(name, subject);
+        let (Some(index), Some(meta)) = (
+            self.objects.read_within(&key, limit).await?,
+            self.objects.stat(&key).await?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(StoredReferrers {
+            index,
+            confirmed_at: meta.modified,
+        }))
+    }
+
+    /// Stores the referrers list of `subject`, marking it confirmed now.
+    pub async fn set_referrers(
+        &self,
+        name: &RepoName,
+        subject: &Digest,
+        index: &[u8],
+    ) -> io::Result<()> {
+        self.write_small(&self.referrers_key(name, subject), index)
+            .await
+    }
+
+    fn referrers_key(&self, name: &RepoName, subject: &Digest) -> String {
+        format!("{}{REFERRERS}{}", self.repo_key(name), subject.hex())
+    }
+
+    /// Every cached referrers list in every namespace.
+    pub async fn list_referrers(&self) -> io::Result<Vec<ReferrersLink>> {
+        let keys = self.objects.list(REPOSITORIES_PREFIX).await?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|(key, meta)| {
+                let (repository, hex) = key
+                    .strip_prefix(REPOSITORIES_PREFIX)?
+                    .split_once(REFERRERS)?;
+                Some(ReferrersLink {
+                    repository: repository.to_owned(),
+                    subject: Digest::parse(&format!("sha256:{hex}")).ok()?,
+                    confirmed_at: meta.modified,
+                })
+            })
+            .collect())
+    }
+
+    /// When a cached referrers list was last confirmed; `None` once it is
+    /// gone. One stat.
+    pub async fn referrers_confirmed_at(
+        &self,
+        link: &ReferrersLink,
+    ) -> io::Result<Option<SystemTime>> {
+        Ok(self.objects.stat(&link.key()).await?.map(|m| m.modified))
+    }
+
+    /// Whether the repository of a cached referrers list has its subject.
+    pub async fn has_subject(&self, link: &ReferrersLink) -> io::Result<bool> {
+        let revision = ManifestLink {
+            repository: link.repository.clone(),
+            digest: link.subject.clone(),
+        }
+        .revision_key();
+        Ok(self.objects.stat(&revision).await?.is_some())
+    }
+
+    pub async fn remove_referrers(&self, link: &ReferrersLink) -> io::Result<()> {
+        self.objects.delete(&link.key()).await
+    }
+
     /// Cached tags of a repository, sorted.
     pub async fn list_tags(&self, name: &RepoName) -> io::Result<Vec<String>> {
         let prefix = format!("{}{TAGS}", self.repo_key(name));
@@ -170,14 +285,16 @@ impl Storage {
         Ok(tags)
     }
 
-    /// Removes a manifest link and the tags pointing at it (tags first, so
-    /// a tag never points at a missing link).
+    /// Removes a manifest link, the tags pointing at it (tags first, so a
+    /// tag never points at a missing link) and the referrers list cached
+    /// for it as a subject.
     pub async fn remove_manifest_link(&self, link: &ManifestLink) -> io::Result<()> {
         for tag in self.tags_of(link).await? {
             self.objects
                 .delete(&format!("{}{tag}", link.tags_prefix()))
                 .await?;
         }
+        self.objects.delete(&link.referrers_key()).await?;
         self.objects.delete(&link.revision_key()).await
     }
 }

@@ -6,6 +6,7 @@
 //! blobs/sha256/<2 hex>/<64 hex>                             content, layers and manifests alike
 //! repositories/<name>/_manifests/revisions/sha256/<hex>      manifest media type: "this repo has it"
 //! repositories/<name>/_manifests/tags/<tag>                 "sha256:<hex>"; modified = last confirmed
+//! repositories/<name>/_referrers/sha256/<hex>              a subject's referrers index; modified = last confirmed
 //! repositories/<registry>/<name>/...                        the same, for a named upstream
 //! _kura/access/<node>                                       last use per blob (S3 only)
 //! <local root>/staging/<uuid>                               downloads in progress (swept at startup)

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod courtesy;
+pub mod referrers;
 
 use std::time::Duration;
 
@@ -264,15 +265,27 @@ impl Upstream {
         suffix: &str,
         accept: Option<&'static str>,
     ) -> Result<SlottedResponse, UpstreamError> {
-        self.courtesy.check_pause()?;
         let kind = match (&method, suffix.starts_with("blobs/")) {
             (&Method::GET, true) => SlotKind::Body,
             _ => SlotKind::Metadata,
         };
+        let url = self.url(&self.upstream_name(name), suffix);
+        self.send_to(method, name, url, kind, accept).await
+    }
+
+    /// [`Self::send`] to a URL already built: a next page the upstream
+    /// linked to (its origin checked by the caller).
+    async fn send_to(
+        &self,
+        method: Method,
+        name: &RepoName,
+        url: Url,
+        kind: SlotKind,
+        accept: Option<&'static str>,
+    ) -> Result<SlottedResponse, UpstreamError> {
+        self.courtesy.check_pause()?;
         let slot = self.courtesy.slot(kind, self.response_timeout).await?;
-        let upstream_name = self.upstream_name(name);
-        let url = self.url(&upstream_name, suffix);
-        let scope = format!("repository:{upstream_name}:pull");
+        let scope = format!("repository:{}:pull", self.upstream_name(name));
         for attempt in 0..2 {
             let mut request = self.http.request(method.clone(), url.clone());
             if let Some(accept) = accept {

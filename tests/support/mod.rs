@@ -8,12 +8,14 @@
 //! them.
 #![allow(dead_code, unused_imports)]
 
+pub mod artifacts;
 pub mod clients;
 pub mod forwarder;
 pub mod images;
 pub mod kura;
 pub mod net;
 pub mod process;
+pub mod referrers_api;
 pub mod registry_client;
 pub mod s3;
 pub mod server;
@@ -29,6 +31,7 @@ pub use images::{Blob, Platform, PushedImage, PushedIndex, SeededImages, seed_al
 pub use kura::{Kura, KuraOptions};
 pub use net::{free_port, wait_http, wait_http_ok};
 pub use process::require_tool;
+pub use referrers_api::ReferrersApi;
 pub use registry_client::{Auth, RegistryClient};
 pub use stalling::StallingUpstream;
 pub use token::TokenIssuer;
