@@ -18,7 +18,7 @@ pub async fn warm(
     images: Vec<String>,
     platform: Option<String>,
 ) -> anyhow::Result<()> {
-    let storage = config.storage()?.prepare().await.with_context(|| {
+    let storage = config.storage()?.open().await.with_context(|| {
         format!(
             "storage.filesystem.rootdirectory: cannot use {}",
             config.storage_root.display()
