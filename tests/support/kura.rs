@@ -214,6 +214,12 @@ impl Kura {
     }
 }
 
+/// Where a committed blob lives in a local cache.
+pub fn blob_path(cache_dir: &Path, digest: &str) -> PathBuf {
+    let hex = &digest["sha256:".len()..];
+    cache_dir.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
 /// The staging directories under `cache_dir`: one per process that uses
 /// it, until it exits (or, after a crash, until the next sweep).
 pub fn staging_dirs(cache_dir: &Path) -> Vec<PathBuf> {
