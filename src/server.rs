@@ -126,6 +126,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     {
         tracing::warn!("downloads still running at shutdown; abandoned");
     }
+    // Only this process's own staging: another Kura on the same directory
+    // (the next one of a rolling restart) may be mid-download.
     if let Err(e) = storage.clear_staging().await {
         tracing::warn!(error = %e, "cannot clear staging on shutdown");
     }

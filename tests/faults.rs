@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use support::images::sha256_digest;
+use support::kura::staged_files;
 use support::{Kura, KuraOptions, Upstream, seed_all, seed_large};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -204,10 +205,6 @@ fn blob_files(cache_dir: &Path) -> Vec<String> {
     found
 }
 
-fn staging_files(cache_dir: &Path) -> usize {
-    std::fs::read_dir(cache_dir.join("staging")).map_or(0, |d| d.count())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_truncated_or_overlong_upstream_blobs_are_never_committed_or_served() {
     let good: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -272,7 +269,7 @@ async fn wrong_truncated_or_overlong_upstream_blobs_are_never_committed_or_serve
             "{label}: something was committed"
         );
         assert_eq!(
-            staging_files(kura.cache_dir()),
+            staged_files(kura.cache_dir()),
             0,
             "{label}: staging not cleaned"
         );
@@ -384,7 +381,7 @@ async fn kill_9_mid_download_leaves_nothing_servable_and_restart_serves_correctl
 
     kura.restart().await;
     assert_eq!(
-        staging_files(kura.cache_dir()),
+        staged_files(kura.cache_dir()),
         0,
         "staging leftovers survived the restart"
     );
@@ -469,7 +466,7 @@ async fn a_full_disk_still_serves_clients_and_keeps_cached_content() {
         .unwrap();
     assert_eq!(range.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(range.bytes().await.unwrap().len(), 100);
-    assert_eq!(staging_files(kura.cache_dir()), 0);
+    assert_eq!(staged_files(kura.cache_dir()), 0);
     assert!(!blob_files(kura.cache_dir()).contains(&big.digest["sha256:".len()..].to_owned()));
 
     // Cached content keeps being served.

@@ -92,9 +92,7 @@ async fn assert_idle(kura: &Kura) {
                 busy.push(format!("{series} = {value}"));
             }
         }
-        let staged = std::fs::read_dir(kura.cache_dir().join("staging"))
-            .map(|entries| entries.count())
-            .unwrap_or(0);
+        let staged = support::kura::staged_files(kura.cache_dir());
         if staged != 0 {
             busy.push(format!("{staged} staging files"));
         }

@@ -359,10 +359,11 @@ async fn sigterm_during_a_large_pull_leaves_no_staging_and_restart_serves() {
         "Kura did not exit after SIGTERM"
     );
     drop(stream);
-    let staging = std::fs::read_dir(kura.cache_dir().join("staging"))
-        .unwrap()
-        .count();
-    assert_eq!(staging, 0, "staging garbage left after SIGTERM");
+    let staging = support::kura::staging_dirs(kura.cache_dir());
+    assert!(
+        staging.is_empty(),
+        "staging left after SIGTERM: {staging:?}"
+    );
     assert!(kura.log_text().contains("shutting down"));
 
     kura.restart().await;

@@ -1,6 +1,6 @@
 //! `kura ls`, `du`, `gc` and `verify`: read-mostly tools over a cache
-//! directory, safe to run next to a serving Kura (they never touch
-//! staging).
+//! directory, safe to run next to serving Kuras: their storage is never
+//! opened to write, so they have no staging and never touch any.
 
 use std::time::SystemTime;
 

@@ -27,7 +27,7 @@ pub async fn warm(
     platform: Option<String>,
     with_referrers: bool,
 ) -> anyhow::Result<()> {
-    let storage = config.storage()?.prepare().await.with_context(|| {
+    let storage = config.storage()?.open().await.with_context(|| {
         format!(
             "storage.filesystem.rootdirectory: cannot use {}",
             config.storage_root.display()

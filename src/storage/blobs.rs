@@ -158,7 +158,7 @@ impl Storage {
 
     /// Starts a download: a new local staging file that hashes what is written.
     pub async fn stage_blob(&self) -> io::Result<StagedBlob> {
-        let path = self.new_staging_path();
+        let path = self.new_staging_path()?;
         let file = File::create(&path).await?.into_std().await;
         Ok(StagedBlob {
             storage: self.clone(),
@@ -414,5 +414,27 @@ mod tests {
         assert_eq!(storage.blob_size(&digest).await.unwrap(), None);
         assert!(!path.exists());
         assert_eq!(storage.blob_size(&empty_digest).await.unwrap(), Some(0));
+    }
+
+    /// Two processes sharing a directory downloaded the same blob: each
+    /// commit is a rename onto the same name, and both succeed.
+    #[tokio::test]
+    async fn two_processes_committing_the_same_blob_both_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = vec![7u8; 3 << 20];
+        let digest = Digest::of_bytes(&content);
+        let stage = async |storage: Storage| {
+            let mut staged = storage.stage_blob().await.unwrap();
+            staged.write(&content).await.unwrap();
+            staged
+        };
+        let first = stage(Storage::local(dir.path()).open().await.unwrap()).await;
+        let second = stage(Storage::local(dir.path()).open().await.unwrap()).await;
+
+        let (a, b) = tokio::join!(first.commit(&digest), second.commit(&digest));
+        a.expect("first commit");
+        b.expect("second commit");
+        let stored = std::fs::read(dir.path().join(blob_key(&digest))).unwrap();
+        assert!(stored == content, "the committed blob is not the content");
     }
 }

@@ -9,19 +9,23 @@
 //! repositories/<name>/_referrers/sha256/<hex>              a subject's referrers index; modified = last confirmed
 //! repositories/<registry>/<name>/...                        the same, for a named upstream
 //! _kura/access/<node>                                       last use per blob (S3 only)
-//! <local root>/staging/<uuid>                               downloads in progress (swept at startup)
+//! <local root>/staging/<process>/<uuid>                     downloads in progress, per process
 //! ```
 //!
 //! A blob is committed (renamed or uploaded) only after its digest was
 //! verified ([`blobs`]); an index entry is written only after the content
 //! it points at ([`index`]). Small files are written via staging + rename,
 //! objects by a single PUT, so readers see complete content or nothing.
+//! Any number of processes may share the directory: each stages in its
+//! own locked directory and only ever sweeps those of processes that are
+//! gone ([`staging`]).
 
 pub mod access;
 pub mod blobs;
 pub mod file_reads;
 pub mod index;
 pub mod objects;
+pub mod staging;
 
 use std::collections::HashMap;
 use std::io;
@@ -35,6 +39,7 @@ pub use blobs::StagedBlob;
 pub use objects::Objects;
 
 use crate::reference::Digest;
+use staging::StagingDir;
 
 #[derive(Debug, Clone)]
 pub struct Storage {
@@ -49,6 +54,10 @@ pub struct Storage {
     access: Arc<access::AccessTracker>,
     /// When a readiness probe last wrote successfully.
     proven_writable: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// This process's own staging directory, shared by every view and
+    /// locked until the last one is dropped; `None` for the tools that
+    /// only read or delete, which never stage.
+    staging: Option<Arc<StagingDir>>,
 }
 
 /// How long a successful write probe is trusted: readiness checks come
@@ -57,8 +66,8 @@ pub struct Storage {
 const PROBE_TRUST: Duration = Duration::from_secs(30);
 
 impl Storage {
-    /// A storage view without any I/O; see [`Storage::open`] and
-    /// [`Storage::prepare`] to create the layout.
+    /// A storage view without any I/O that cannot stage (write); see
+    /// [`Storage::open`].
     pub fn new(local: &Path, objects: Objects) -> Self {
         Self {
             local: local.to_owned(),
@@ -66,6 +75,7 @@ impl Storage {
             namespace: None,
             access: Arc::default(),
             proven_writable: Arc::default(),
+            staging: None,
         }
     }
 
@@ -79,24 +89,24 @@ impl Storage {
         )
     }
 
-    /// Creates the layout and removes staging leftovers of a previous run
-    /// (they can never be committed: their download is gone).
-    pub async fn open(self) -> io::Result<Self> {
-        let staging = self.staging_dir();
-        if fs::try_exists(&staging).await? {
-            fs::remove_dir_all(&staging).await?;
-        }
-        self.prepare().await
-    }
-
-    /// Creates the layout if missing, leaving staging alone: for tools that
-    /// write (`kura warm`) while a server may be using the same cache.
-    pub async fn prepare(self) -> io::Result<Self> {
-        fs::create_dir_all(self.staging_dir()).await?;
+    /// Creates the layout if missing, removes the staging of processes
+    /// that are gone (their downloads can never be committed) and claims a
+    /// staging directory of this process's own, so it can write. Safe
+    /// while other processes use the same directory.
+    pub async fn open(mut self) -> io::Result<Self> {
         if self.objects.is_local() {
             fs::create_dir_all(self.local.join("blobs")).await?;
             fs::create_dir_all(self.local.join("repositories")).await?;
         }
+        let staging = self.staging_dir();
+        let claimed = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&staging)?;
+            staging::sweep_abandoned(&staging);
+            StagingDir::claim(&staging)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.staging = Some(Arc::new(claimed));
         Ok(self)
     }
 
@@ -181,11 +191,11 @@ impl Storage {
     /// Writes recorded accesses out (blob mtimes, or this node's access
     /// object on S3).
     pub async fn flush_accesses(&self) {
-        if let Err(e) = self
-            .access
-            .flush(&self.objects, &self.new_staging_path())
-            .await
-        {
+        let flushed = match self.new_staging_path() {
+            Ok(staging) => self.access.flush(&self.objects, &staging).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = flushed {
             tracing::warn!(error = %e, "cannot record access times");
         }
     }
@@ -209,8 +219,13 @@ impl Storage {
         self.local.join("staging")
     }
 
-    fn new_staging_path(&self) -> PathBuf {
-        self.staging_dir().join(uuid::Uuid::new_v4().to_string())
+    /// A fresh file name in this process's staging directory; an error
+    /// for a storage that was not opened to write.
+    fn new_staging_path(&self) -> io::Result<PathBuf> {
+        let staging = self.staging.as_ref().ok_or_else(|| {
+            io::Error::other("storage opened read-only: no staging directory to write through")
+        })?;
+        Ok(staging.new_path())
     }
 
     /// Proves the storage accepts writes (readiness): a probe object
@@ -223,7 +238,7 @@ impl Storage {
         }
         let key = format!("_kura/probe-{}", uuid::Uuid::new_v4());
         self.objects
-            .write(&key, b"probe".to_vec(), &self.new_staging_path())
+            .write(&key, b"probe".to_vec(), &self.new_staging_path()?)
             .await?;
         self.objects.delete(&key).await?;
         *self.proven_writable.lock().expect("probe lock") = Some(Instant::now());
@@ -239,20 +254,22 @@ impl Storage {
         })
     }
 
-    /// Removes everything in staging: on shutdown, downloads that did not
-    /// finish can never be committed.
+    /// Removes this process's staging directory, and nothing of any other
+    /// process's: on shutdown, downloads that did not finish can never be
+    /// committed.
     pub async fn clear_staging(&self) -> io::Result<()> {
-        let mut entries = fs::read_dir(self.staging_dir()).await?;
-        while let Some(entry) = entries.next_entry().await? {
-            let _ = fs::remove_file(entry.path()).await;
-        }
-        Ok(())
+        let Some(staging) = self.staging.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || staging.remove())
+            .await
+            .map_err(io::Error::other)?
     }
 
     /// Writes a small object whole (via staging + rename on disk).
     async fn write_small(&self, key: &str, contents: &[u8]) -> io::Result<()> {
         self.objects
-            .write(key, contents.to_vec(), &self.new_staging_path())
+            .write(key, contents.to_vec(), &self.new_staging_path()?)
             .await
     }
 }
@@ -269,6 +286,15 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_storage_not_opened_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let read_only = Storage::local(dir.path());
+        assert!(read_only.probe_writable().await.is_err());
+        assert!(read_only.stage_blob().await.is_err());
+        assert!(!dir.path().join("staging").exists());
+    }
+
+    #[tokio::test]
     async fn write_probes_trust_a_success_for_a_while_and_never_a_failure() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::local(dir.path()).open().await.unwrap();
@@ -279,7 +305,7 @@ mod tests {
         std::fs::write(&probes, b"in the way").unwrap();
         storage.probe_writable().await.expect("trusted success");
 
-        let unproven = Storage::local(dir.path());
+        let unproven = Storage::local(dir.path()).open().await.unwrap();
         assert!(unproven.probe_writable().await.is_err());
         std::fs::remove_file(&probes).unwrap();
         unproven

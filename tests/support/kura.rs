@@ -247,6 +247,38 @@ impl Kura {
     }
 }
 
+/// Where a committed blob lives in a local cache.
+pub fn blob_path(cache_dir: &Path, digest: &str) -> PathBuf {
+    let hex = &digest["sha256:".len()..];
+    cache_dir.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+/// The staging directories under `cache_dir`: one per process that uses
+/// it, until it exits (or, after a crash, until the next sweep).
+pub fn staging_dirs(cache_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(cache_dir.join("staging")).map_or_else(
+        |_| Vec::new(),
+        |entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.path())
+                .filter(|path| path.is_dir())
+                .collect()
+        },
+    )
+}
+
+/// Files staged under `cache_dir` by any process (downloads and small
+/// writes in progress), not counting the owners' lock files.
+pub fn staged_files(cache_dir: &Path) -> usize {
+    staging_dirs(cache_dir)
+        .iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flat_map(|files| files.flatten())
+        .filter(|file| file.file_name() != ::kura::storage::staging::LOCK_FILE)
+        .count()
+}
+
 fn temp_dir(prefix: &str) -> TempDir {
     tempfile::Builder::new()
         .prefix(prefix)
