@@ -183,7 +183,7 @@ async fn every_manifest_type_and_blob_passes_through_byte_for_byte() {
     let page = get(&kura, "/v2/_catalog?n=2").await;
     assert_eq!(
         header(&page, "link"),
-        "</v2/_catalog?last=multiarch%2Fdockerlist&n=2>; rel=\"next\""
+        "</v2/_catalog?n=2&last=multiarch%2Fdockerlist>; rel=\"next\""
     );
     let page: serde_json::Value = page.json().await.unwrap();
     assert_eq!(

@@ -129,7 +129,7 @@ async fn handle(
         Route::Tags { name } => {
             let routed = state.registries.route(name, ns)?;
             let repo = parse_name(routed.name)?;
-            listing::tags(&routed.cache, &repo, name, query).await
+            listing::tags(&routed.cache, &repo, name, query, ns).await
         }
         Route::Manifest { name, reference } => {
             let routed = state.registries.route(name, ns)?;

@@ -4,7 +4,7 @@
 //!
 //! - [`manifests`]: manifests by digest and by tag, tag freshness, stale serving.
 //! - [`blobs`]: blob downloads that stream to clients while filling the cache.
-//! - [`tags`]: tag lists, from upstream or from what is cached.
+//! - [`tags`]: tag lists, from upstream (every page) or from what is cached.
 
 pub mod blobs;
 pub mod download;
@@ -30,6 +30,7 @@ pub struct Cache {
     tag_ttl: Duration,
     tag_flights: singleflight::Flights<(RepoName, Tag), Result<Manifest, ApiError>>,
     digest_flights: singleflight::Flights<(RepoName, Digest), Result<Manifest, ApiError>>,
+    tag_list_flights: singleflight::Flights<RepoName, tags::TagList>,
     downloads: download::Downloads,
 }
 
@@ -43,6 +44,7 @@ impl Cache {
         Self {
             tag_flights: singleflight::Flights::new(upstream.fetch_deadline()),
             digest_flights: singleflight::Flights::new(upstream.fetch_deadline()),
+            tag_list_flights: singleflight::Flights::new(upstream.fetch_deadline()),
             downloads: download::Downloads::new(admission),
             storage,
             upstream,

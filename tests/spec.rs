@@ -1,0 +1,158 @@
+//! Answers the distribution spec (and Distribution, where the spec leaves
+//! room) prescribes, through Kura: tag lists paged by `n`/`last` whatever
+//! the upstream does, upstream credential refusals that are never taken for
+//! the client's own, and `Accept` negotiation of manifest lists.
+
+mod support;
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use support::images::{Flavor, ImageBuild};
+use support::stalling::{PAGE_SIZE, PAGED_TAGS};
+use support::{Kura, KuraOptions, Platform, StallingUpstream, Upstream};
+
+/// More pages than any walk in these tests needs.
+const MAX_PAGES_WALKED: usize = 20;
+
+fn client() -> reqwest::Client {
+    support::net::http_client(Duration::from_secs(60))
+}
+
+async fn get(kura: &Kura, path: &str) -> reqwest::Response {
+    client()
+        .get(format!("{}{path}", kura.url()))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn error_code(response: reqwest::Response) -> String {
+    let body: serde_json::Value = response.json().await.unwrap();
+    body["errors"][0]["code"].as_str().unwrap().to_owned()
+}
+
+/// One tag list page: its tags and the path its `Link` names, if any.
+async fn tag_page(kura: &Kura, path: &str) -> (Vec<String>, Option<String>) {
+    let response = get(kura, path).await;
+    assert_eq!(response.status(), StatusCode::OK, "{path}");
+    let next = response.headers().get("link").map(|link| {
+        let link = link.to_str().unwrap();
+        let (target, rel) = link
+            .strip_prefix('<')
+            .and_then(|l| l.split_once('>'))
+            .unwrap_or_else(|| panic!("{path}: malformed Link {link}"));
+        assert_eq!(rel, "; rel=\"next\"", "{path}: {link}");
+        target.to_owned()
+    });
+    let body: serde_json::Value = response.json().await.unwrap();
+    let tags = serde_json::from_value(body["tags"].clone()).unwrap();
+    (tags, next)
+}
+
+/// Follows `Link` from `first` to the last page; every page, in order.
+async fn walk_tag_pages(kura: &Kura, first: &str) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut path = Some(first.to_owned());
+    while let Some(current) = path {
+        assert!(pages.len() < MAX_PAGES_WALKED, "{first}: Link never ends");
+        let (tags, next) = tag_page(kura, &current).await;
+        pages.push(tags);
+        path = next;
+    }
+    pages
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+fn sorted(items: &[&str]) -> Vec<String> {
+    let mut items = strings(items);
+    items.sort();
+    items
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tag_lists_are_paged_by_kura_although_distribution_ignores_n_and_last() {
+    let mut upstream = Upstream::anonymous().await;
+    let repo = "paging/app";
+    let tags = ["v1", "v10", "v2", "latest", "alpha", "beta", "rc-1"];
+    let image = ImageBuild::synthetic(Flavor::Docker, Platform::linux("amd64", None), repo, 1);
+    let pushed = image.push(&upstream.client(), repo, Some(tags[0])).await;
+    for tag in &tags[1..] {
+        upstream
+            .client()
+            .push_manifest(repo, tag, &pushed.media_type, image.manifest.clone())
+            .await;
+    }
+    let kura = Kura::start(KuraOptions::for_upstream(&upstream)).await;
+    let all = sorted(&tags);
+    let list = format!("/v2/{repo}/tags/list");
+
+    let (page, link) = tag_page(&kura, &format!("{list}?n=3")).await;
+    assert_eq!(page, all[..3]);
+    assert_eq!(link.unwrap(), format!("{list}?n=3&last={}", all[2]));
+    let pages = walk_tag_pages(&kura, &format!("{list}?n=3")).await;
+    assert!(pages.iter().all(|page| page.len() <= 3), "{pages:?}");
+    assert_eq!(pages.concat(), all, "every tag exactly once, sorted");
+
+    // containerd's `ns` stays on every next page.
+    let (_, link) = tag_page(&kura, &format!("{list}?n=2&ns=docker.io")).await;
+    assert_eq!(
+        link.unwrap(),
+        format!("{list}?n=2&last={}&ns=docker.io", all[1])
+    );
+    let (page, link) = tag_page(&kura, &format!("{list}?last=rc-1")).await;
+    assert_eq!((page, link), (strings(&["v1", "v10", "v2"]), None));
+    let (page, link) = tag_page(&kura, &format!("{list}?n=0")).await;
+    assert_eq!((page, link), (vec![], None));
+    let response = get(&kura, &format!("{list}?n=-1")).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(response).await, "PAGINATION_NUMBER_INVALID");
+
+    // With the upstream gone, the tags Kura has cached page the same way.
+    let cached = ["alpha", "latest", "v1", "v2"];
+    for tag in cached {
+        let response = get(&kura, &format!("/v2/{repo}/manifests/{tag}")).await;
+        assert_eq!(response.status(), StatusCode::OK, "{tag}");
+    }
+    upstream.stop();
+    let pages = walk_tag_pages(&kura, &format!("{list}?n=2")).await;
+    assert_eq!(pages, vec![strings(&cached[..2]), strings(&cached[2..])]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_pages_is_walked_whole_and_once_for_concurrent_requests() {
+    let stub = StallingUpstream::start();
+    let kura = Kura::start(KuraOptions::new(&stub.url())).await;
+    let upstream_pages = PAGED_TAGS.len().div_ceil(PAGE_SIZE);
+
+    let pages = walk_tag_pages(&kura, "/v2/paged/app/tags/list?n=2").await;
+    assert_eq!(pages.concat(), sorted(&PAGED_TAGS));
+    assert!(pages.iter().all(|page| page.len() <= 2), "{pages:?}");
+    let (whole, link) = tag_page(&kura, "/v2/paged/app/tags/list").await;
+    assert_eq!((whole, link), (sorted(&PAGED_TAGS), None));
+
+    // 64 clients at once: they share walks instead of making one each.
+    let clients = 64;
+    let requests = (0..clients).map(|_| {
+        let url = format!("{}/v2/paged/shared/tags/list?n=5", kura.url());
+        tokio::spawn(async move { client().get(url).send().await.unwrap().status() })
+    });
+    for status in futures_util::future::join_all(requests).await {
+        assert_eq!(status.unwrap(), StatusCode::OK);
+    }
+    let walks = stub.hits("GET", "/v2/paged/shared/tags/list") / upstream_pages;
+    assert!(
+        walks <= clients / 8,
+        "{clients} requests made {walks} walks"
+    );
+
+    // An upstream that links pages forever is followed only so far.
+    let response = get(&kura, "/v2/endless/app/tags/list").await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("longer than 100 pages"), "{body}");
+    assert_eq!(stub.hits("GET", "/v2/endless/app/tags/list"), 100);
+}
