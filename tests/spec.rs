@@ -156,3 +156,62 @@ async fn an_upstream_that_pages_is_walked_whole_and_once_for_concurrent_requests
     assert!(body.contains("longer than 100 pages"), "{body}");
     assert_eq!(stub.hits("GET", "/v2/endless/app/tags/list"), 100);
 }
+
+/// Kura with its own htpasswd (`alice`), proxying `upstream` with a wrong
+/// password.
+async fn kura_with_wrong_upstream_password(upstream: &Upstream, dir: &std::path::Path) -> Kura {
+    let hash = bcrypt::hash("kura-pw", 6).unwrap();
+    let htpasswd = dir.join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{hash}\n")).unwrap();
+    let config = dir.join("kura.yml");
+    let auth = format!(
+        "auth:\n  htpasswd:\n    realm: kura-test\n    path: {}\n",
+        htpasswd.display()
+    );
+    std::fs::write(&config, auth).unwrap();
+    let mut options = KuraOptions::for_upstream(upstream);
+    options.password = Some("not-the-upstream-password".into());
+    options.extra_args.push(config.display().to_string());
+    Kura::start(options).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_refusing_kuras_credentials_is_403_and_every_401_has_a_challenge() {
+    let dir = tempfile::tempdir().unwrap();
+    for upstream in [
+        Upstream::token("puller", "token-upstream-pw").await,
+        Upstream::htpasswd("puller", "basic-upstream-pw").await,
+    ] {
+        let seeded = support::seed_all(&upstream).await;
+        let image = &seeded.multilayer;
+        let kura = kura_with_wrong_upstream_password(&upstream, dir.path()).await;
+        let paths = [
+            format!("/v2/{}/manifests/latest", image.repository),
+            format!("/v2/{}/blobs/{}", image.repository, image.config.digest),
+            format!("/v2/{}/tags/list", image.repository),
+        ];
+        for path in &paths {
+            let url = format!("{}{path}", kura.url());
+            let response = client()
+                .get(&url)
+                .basic_auth("alice", Some("kura-pw"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
+            assert!(response.headers().get("www-authenticate").is_none());
+            let body = response.text().await.unwrap();
+            assert!(
+                body.contains("DENIED") && body.contains("refused Kura's credentials"),
+                "{path}: {body}"
+            );
+            // Kura's own refusal is the only 401, and it says how to log in.
+            let response = client().get(&url).send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{path}");
+            assert_eq!(
+                response.headers()["www-authenticate"],
+                "Basic realm=\"kura-test\""
+            );
+        }
+    }
+}

@@ -177,13 +177,19 @@ fn parse_digest(digest: &str) -> Result<Digest, ApiError> {
     Digest::parse(digest).map_err(digest_error)
 }
 
+/// A reference that is neither a tag nor a digest Kura can verify names no
+/// manifest: 404 `MANIFEST_UNKNOWN`, as Distribution answers (its routes
+/// match no such reference) and the conformance tests expect. Only a blob
+/// path answers a malformed digest with 400 `DIGEST_INVALID`.
 fn parse_reference(reference: &str) -> Result<Reference, ApiError> {
     Reference::parse(reference).map_err(|err| {
-        if reference.contains(':') {
-            digest_error(err)
-        } else {
-            ApiError::new(ErrorCode::TagInvalid, "invalid tag")
-        }
+        let message = match err {
+            DigestError::Malformed => "manifest unknown: not a valid tag or digest",
+            DigestError::UnsupportedAlgorithm => {
+                "manifest unknown: only sha256 digests are supported"
+            }
+        };
+        ApiError::new(ErrorCode::ManifestUnknown, message)
     })
 }
 

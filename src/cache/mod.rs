@@ -92,9 +92,14 @@ fn upstream_error(err: &UpstreamError, not_found: ErrorCode) -> ApiError {
                 _ => not_found,
             };
             let (code, message) = match status {
+                // Not relayed as 401: Kura's own 401 (with its challenge)
+                // means "your Kura credentials"; this refusal is about
+                // Kura's credentials upstream, which no client can fix by
+                // authenticating again. Distribution's proxy never relays
+                // it as 401 either.
                 401 => (
-                    ErrorCode::Unauthorized,
-                    "upstream registry refused Kura's credentials",
+                    ErrorCode::Denied,
+                    "upstream registry refused Kura's credentials (or the repository is private or does not exist there)",
                 ),
                 403 => (ErrorCode::Denied, "upstream registry denied access"),
                 404 => (not_found, "not found in the upstream registry"),
