@@ -2,13 +2,17 @@
 //! room) prescribes, through Kura: tag lists paged by `n`/`last` whatever
 //! the upstream does, upstream credential refusals that are never taken for
 //! the client's own, and `Accept` negotiation of manifest lists.
+//! (Impossible references are among the bad input of `tests/api.rs`.)
 
 mod support;
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use support::images::{Flavor, ImageBuild};
+use support::images::{
+    DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Flavor, ImageBuild, OCI_INDEX, OCI_MANIFEST, push_index,
+    sha256_digest,
+};
 use support::stalling::{PAGE_SIZE, PAGED_TAGS};
 use support::{Kura, KuraOptions, Platform, StallingUpstream, Upstream};
 
@@ -214,4 +218,202 @@ async fn an_upstream_refusing_kuras_credentials_is_403_and_every_401_has_a_chall
             );
         }
     }
+}
+
+/// What a manifest request answered.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    status: StatusCode,
+    /// `Docker-Content-Digest` (for a 200; the error code otherwise).
+    digest: String,
+    content_type: String,
+}
+
+/// GET (and HEAD, which must agree) `name`'s manifest `reference` with one
+/// `Accept` header per type; for a 200, the body must hash to the digest.
+async fn manifest_with_accept(kura: &Kura, name: &str, reference: &str, accept: &[&str]) -> Answer {
+    let url = format!("{}/v2/{name}/manifests/{reference}", kura.url());
+    let mut answers = Vec::new();
+    for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+        let mut request = client().request(method.clone(), &url);
+        for media_type in accept {
+            request = request.header("accept", *media_type);
+        }
+        let response = request.send().await.unwrap();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map_or("", |v| v.to_str().unwrap())
+                .to_owned()
+        };
+        let (status, content_type, digest) = (
+            response.status(),
+            header("content-type"),
+            header("docker-content-digest"),
+        );
+        let digest = match (status, method == reqwest::Method::GET) {
+            (StatusCode::OK, true) => {
+                let body = response.bytes().await.unwrap();
+                assert_eq!(sha256_digest(&body), digest, "{url} {accept:?}");
+                digest
+            }
+            (StatusCode::OK, false) => digest,
+            (_, true) => error_code(response).await,
+            (_, false) => String::new(),
+        };
+        answers.push(Answer {
+            status,
+            digest,
+            content_type: if status == StatusCode::OK {
+                content_type
+            } else {
+                String::new()
+            },
+        });
+    }
+    let head = answers.pop().unwrap();
+    let get = answers.pop().unwrap();
+    assert_eq!(head.status, get.status, "HEAD and GET of {url} {accept:?}");
+    if get.status == StatusCode::OK {
+        assert_eq!(head, get, "HEAD and GET of {url} {accept:?}");
+    }
+    get
+}
+
+fn served(digest: &str, content_type: &str) -> Answer {
+    Answer {
+        status: StatusCode::OK,
+        digest: digest.to_owned(),
+        content_type: content_type.to_owned(),
+    }
+}
+
+fn unknown() -> Answer {
+    Answer {
+        status: StatusCode::NOT_FOUND,
+        digest: "MANIFEST_UNKNOWN".to_owned(),
+        content_type: String::new(),
+    }
+}
+
+/// A GET with no `Accept` header at all (reqwest always sends one); the
+/// `Docker-Content-Digest` of the answer.
+async fn digest_without_accept(kura: &Kura, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(kura.addr()).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: kura\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix("docker-content-digest: "))
+        .unwrap_or_else(|| panic!("{path}: no digest in {response}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_cannot_read_a_list_gets_the_linux_amd64_manifest() {
+    let upstream = Upstream::anonymous().await;
+    let seeded = support::seed_all(&upstream).await;
+    let arm_only = ImageBuild::synthetic(
+        Flavor::Docker,
+        Platform::linux("arm64", Some("v8")),
+        "armonly",
+        1,
+    );
+    let arm_only = push_index(
+        &upstream.client(),
+        "multiarch/armonly",
+        "latest",
+        Flavor::Docker,
+        &[arm_only],
+    )
+    .await;
+    let kura = Kura::start(KuraOptions::for_upstream(&upstream)).await;
+    let (list, index) = (&seeded.docker_list, &seeded.oci_index);
+    let (list_amd64, index_amd64) = (list.child("amd64"), index.child("amd64"));
+    let all = [
+        OCI_INDEX,
+        OCI_MANIFEST,
+        DOCKER_MANIFEST_LIST,
+        DOCKER_MANIFEST,
+    ];
+    let ask = |name: &'static str, reference: String, accept: &'static [&'static str]| {
+        let kura = &kura;
+        async move { manifest_with_accept(kura, name, &reference, accept).await }
+    };
+
+    // Docker schema 2 only (an old Docker): the amd64 image of a Docker
+    // list by tag; the list itself by digest (nothing else has its digest).
+    let schema2: &[&str] = &[DOCKER_MANIFEST];
+    assert_eq!(
+        ask("multiarch/dockerlist", "latest".into(), schema2).await,
+        served(&list_amd64.digest, DOCKER_MANIFEST)
+    );
+    assert_eq!(
+        ask("multiarch/dockerlist", list.digest.clone(), schema2).await,
+        served(&list.digest, DOCKER_MANIFEST_LIST)
+    );
+    // An OCI index: its amd64 OCI manifest for a client that reads those,
+    // 404 for one that reads neither (what Distribution answers it).
+    assert_eq!(
+        ask("multiarch/oci", "latest".into(), &[OCI_MANIFEST]).await,
+        served(&index_amd64.digest, OCI_MANIFEST)
+    );
+    assert_eq!(
+        ask("multiarch/oci", "latest".into(), schema2).await,
+        unknown()
+    );
+    assert_eq!(
+        ask("multiarch/oci", index.digest.clone(), &[OCI_MANIFEST]).await,
+        unknown()
+    );
+    // A list without linux/amd64 has nothing to offer such a client.
+    assert_eq!(
+        ask("multiarch/armonly", "latest".into(), schema2).await,
+        unknown()
+    );
+    assert_eq!(
+        ask(
+            "multiarch/armonly",
+            arm_only.digest.clone(),
+            &[DOCKER_MANIFEST_LIST]
+        )
+        .await,
+        served(&arm_only.digest, DOCKER_MANIFEST_LIST)
+    );
+
+    // Clients that accept lists, or name no manifest type at all, get
+    // what is stored; Kura never rewrites a manifest.
+    let as_stored = [
+        ("multiarch/dockerlist", &list.digest, DOCKER_MANIFEST_LIST),
+        ("multiarch/oci", &index.digest, OCI_INDEX),
+        (
+            "library/multilayer",
+            &seeded.multilayer.digest,
+            DOCKER_MANIFEST,
+        ),
+    ];
+    for (name, digest, media_type) in as_stored {
+        for accept in [&all[..], &["*/*"], &["application/json"]] {
+            let answer = manifest_with_accept(&kura, name, "latest", accept).await;
+            assert_eq!(answer, served(digest, media_type), "{name} {accept:?}");
+        }
+        let path = format!("/v2/{name}/manifests/latest");
+        assert_eq!(&digest_without_accept(&kura, &path).await, digest, "{path}");
+    }
+    // A Docker image to an OCI-only client: as stored (Distribution would
+    // rewrite it as schema 1).
+    assert_eq!(
+        ask(
+            "library/multilayer",
+            "latest".into(),
+            &[OCI_MANIFEST, OCI_INDEX]
+        )
+        .await,
+        served(&seeded.multilayer.digest, DOCKER_MANIFEST)
+    );
 }

@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod error;
 pub mod listing;
 pub mod manifests;
+pub mod negotiation;
 pub mod ops;
 pub mod route;
 
@@ -135,7 +136,7 @@ async fn handle(
             let routed = state.registries.route(name, ns)?;
             let repo = parse_name(routed.name)?;
             let reference = parse_reference(reference)?;
-            manifests::serve(&routed.cache, &repo, &reference, head).await
+            manifests::serve(&routed.cache, &repo, &reference, head, headers).await
         }
         Route::Blob { name, digest } => {
             let routed = state.registries.route(name, ns)?;
