@@ -98,6 +98,46 @@ async fn warm_fetches_every_platform_or_just_one() {
     );
 }
 
+/// What the upstream was asked for, by digest: only the chosen platform's
+/// manifest and blobs, each once; nothing of another platform.
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_with_a_platform_asks_the_upstream_for_that_platform_only() {
+    let (upstream, seeded, dir) = seeded().await;
+    let index = &seeded.docker_list;
+    let (amd64, arm64) = (index.child("amd64"), index.child("arm64"));
+    let cache = dir.path().join("cache");
+    let seeding = upstream.requests().len();
+    let args = ["warm", "--platform", "linux/amd64", &index.reference()];
+    ok(kura(&cache, &upstream, &args, &[]), "warm --platform");
+    let asked = upstream.requests().split_off(seeding);
+    let count = |digest: &str| asked.iter().filter(|r| r.uri.contains(digest)).count();
+
+    for digest in amd64.all_digests() {
+        assert_eq!(count(&digest), 1, "{digest} of linux/amd64: {asked:?}");
+    }
+    for digest in arm64.all_digests() {
+        assert_eq!(count(&digest), 0, "{digest} of linux/arm64: {asked:?}");
+    }
+    let blobs = asked.iter().filter(|r| r.uri.contains("/blobs/")).count();
+    assert_eq!(blobs, amd64.blob_digests().len(), "{asked:?}");
+
+    // A platform the index does not have is an error, not a guess.
+    let before = upstream.requests().len();
+    let args = ["warm", "--platform", "linux/s390x", &index.reference()];
+    let output = kura(&cache, &upstream, &args, &[]);
+    assert!(!output.success(), "{}", output.stdout);
+    assert!(
+        output.stderr.contains("no linux/s390x manifest"),
+        "{}",
+        output.stderr
+    );
+    let asked = upstream.requests().split_off(before);
+    assert!(
+        asked.iter().all(|r| !r.uri.contains("/blobs/")),
+        "{asked:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ls_du_gc_describe_and_collect_the_cache() {
     let (upstream, seeded, _dir, cache) = warmed().await;

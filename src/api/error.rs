@@ -14,8 +14,6 @@ pub enum ErrorCode {
     ManifestUnknown,
     NameInvalid,
     NameUnknown,
-    /// Distribution's code for a malformed tag.
-    TagInvalid,
     /// Distribution's code for a bad `n` in a paginated list.
     PaginationNumberInvalid,
     Unauthorized,
@@ -34,7 +32,6 @@ impl ErrorCode {
             ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
             ErrorCode::NameInvalid => "NAME_INVALID",
             ErrorCode::NameUnknown => "NAME_UNKNOWN",
-            ErrorCode::TagInvalid => "TAG_INVALID",
             ErrorCode::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::Denied => "DENIED",
@@ -52,7 +49,6 @@ impl ErrorCode {
             }
             ErrorCode::DigestInvalid
             | ErrorCode::NameInvalid
-            | ErrorCode::TagInvalid
             | ErrorCode::PaginationNumberInvalid => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Denied => StatusCode::FORBIDDEN,

@@ -1,5 +1,6 @@
 //! `GET /v2/_catalog` (what Kura has cached) and `GET /v2/<name>/tags/list`,
-//! both with `n`/`last` paging and a `Link` header to the next page.
+//! both with `n`/`last` paging and a `Link` header to the next page
+//! (`<path?n=N&last=X>; rel="next"`, keeping the request's `ns`).
 
 use std::sync::Arc;
 
@@ -48,37 +49,50 @@ pub async fn catalog(storage: &Storage, query: &str) -> Result<Response, ApiErro
         .list_repositories()
         .await
         .map_err(|e| ApiError::internal(format!("listing repositories: {e}")))?;
-    let page = paginate(repositories, paging.n, paging.last.as_deref());
+    let page = paginate(&repositories, paging.n, paging.last.as_deref());
     let body = json!({ "repositories": page.items });
-    Ok(with_next_link("/v2/_catalog", &page, paging.n, body))
+    Ok(with_next_link("/v2/_catalog", None, &page, paging.n, body))
 }
 
 /// `repo` is the name within its upstream; `requested` the name as the
-/// client wrote it (with a registry prefix, if any), which the answer echoes.
+/// client wrote it (with a registry prefix, if any), which the answer echoes;
+/// `ns` the request's `?ns=`, which the next page's link keeps.
 pub async fn tags(
     cache: &Arc<Cache>,
     repo: &RepoName,
     requested: &str,
     query: &str,
+    ns: Option<&str>,
 ) -> Result<Response, ApiError> {
     let paging = parse_paging(query)?;
     let page = cache.tags(repo, paging.n, paging.last.as_deref()).await?;
     let body = json!({ "name": requested, "tags": page.items });
     Ok(with_next_link(
         &format!("/v2/{requested}/tags/list"),
+        ns,
         &page,
         paging.n,
         body,
     ))
 }
 
-fn with_next_link(path: &str, page: &Page, n: Option<usize>, body: serde_json::Value) -> Response {
+fn with_next_link(
+    path: &str,
+    ns: Option<&str>,
+    page: &Page,
+    n: Option<usize>,
+    body: serde_json::Value,
+) -> Response {
     let mut response = axum::Json(body).into_response();
     if let (true, Some(last), Some(n)) = (page.more, page.items.last(), n) {
-        let query = form_urlencoded::Serializer::new(String::new())
-            .append_pair("last", last)
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query
             .append_pair("n", &n.to_string())
-            .finish();
+            .append_pair("last", last);
+        if let Some(ns) = ns {
+            query.append_pair("ns", ns);
+        }
+        let query = query.finish();
         let link = format!("<{path}?{query}>; rel=\"next\"");
         if let Ok(value) = HeaderValue::from_str(&link) {
             response.headers_mut().insert(header::LINK, value);

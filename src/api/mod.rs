@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod error;
 pub mod listing;
 pub mod manifests;
+pub mod negotiation;
 pub mod ops;
 pub mod referrers;
 pub mod route;
@@ -130,13 +131,13 @@ async fn handle(
         Route::Tags { name } => {
             let routed = state.registries.route(name, ns)?;
             let repo = parse_name(routed.name)?;
-            listing::tags(&routed.cache, &repo, name, query).await
+            listing::tags(&routed.cache, &repo, name, query, ns).await
         }
         Route::Manifest { name, reference } => {
             let routed = state.registries.route(name, ns)?;
             let repo = parse_name(routed.name)?;
             let reference = parse_reference(reference)?;
-            manifests::serve(&routed.cache, &repo, &reference, head).await
+            manifests::serve(&routed.cache, &repo, &reference, head, headers).await
         }
         Route::Blob { name, digest } => {
             let routed = state.registries.route(name, ns)?;
@@ -184,13 +185,19 @@ fn parse_digest(digest: &str) -> Result<Digest, ApiError> {
     Digest::parse(digest).map_err(digest_error)
 }
 
+/// A reference that is neither a tag nor a digest Kura can verify names no
+/// manifest: 404 `MANIFEST_UNKNOWN`, as Distribution answers (its routes
+/// match no such reference) and the conformance tests expect. Only a blob
+/// path answers a malformed digest with 400 `DIGEST_INVALID`.
 fn parse_reference(reference: &str) -> Result<Reference, ApiError> {
     Reference::parse(reference).map_err(|err| {
-        if reference.contains(':') {
-            digest_error(err)
-        } else {
-            ApiError::new(ErrorCode::TagInvalid, "invalid tag")
-        }
+        let message = match err {
+            DigestError::Malformed => "manifest unknown: not a valid tag or digest",
+            DigestError::UnsupportedAlgorithm => {
+                "manifest unknown: only sha256 digests are supported"
+            }
+        };
+        ApiError::new(ErrorCode::ManifestUnknown, message)
     })
 }
 

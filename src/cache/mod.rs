@@ -4,7 +4,7 @@
 //!
 //! - [`manifests`]: manifests by digest and by tag, tag freshness, stale serving.
 //! - [`blobs`]: blob downloads that stream to clients while filling the cache.
-//! - [`tags`]: tag lists, from upstream or from what is cached.
+//! - [`tags`]: tag lists, from upstream (every page) or from what is cached.
 //! - [`referrers`]: a subject's referrers (API or tag schema), cached like a tag.
 
 pub mod blobs;
@@ -33,6 +33,7 @@ pub struct Cache {
     tag_ttl: Duration,
     tag_flights: singleflight::Flights<(RepoName, Tag), Result<Manifest, ApiError>>,
     digest_flights: singleflight::Flights<(RepoName, Digest), Result<Manifest, ApiError>>,
+    tag_list_flights: singleflight::Flights<RepoName, tags::TagList>,
     downloads: download::Downloads,
     /// `referrersttl`: how long a cached referrers list is fresh.
     referrers_ttl: Duration,
@@ -51,6 +52,7 @@ impl Cache {
         Self {
             tag_flights: singleflight::Flights::new(upstream.fetch_deadline()),
             digest_flights: singleflight::Flights::new(upstream.fetch_deadline()),
+            tag_list_flights: singleflight::Flights::new(upstream.fetch_deadline()),
             downloads: download::Downloads::new(admission),
             referrers_ttl: tag_ttl,
             referrer_flights: singleflight::Flights::new(2 * upstream.fetch_deadline()),
@@ -108,9 +110,14 @@ fn upstream_error(err: &UpstreamError, not_found: ErrorCode) -> ApiError {
                 _ => not_found,
             };
             let (code, message) = match status {
+                // Not relayed as 401: Kura's own 401 (with its challenge)
+                // means "your Kura credentials"; this refusal is about
+                // Kura's credentials upstream, which no client can fix by
+                // authenticating again. Distribution's proxy never relays
+                // it as 401 either.
                 401 => (
-                    ErrorCode::Unauthorized,
-                    "upstream registry refused Kura's credentials",
+                    ErrorCode::Denied,
+                    "upstream registry refused Kura's credentials (or the repository is private or does not exist there)",
                 ),
                 403 => (ErrorCode::Denied, "upstream registry denied access"),
                 404 => (not_found, "not found in the upstream registry"),

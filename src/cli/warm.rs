@@ -86,10 +86,12 @@ async fn warm_image(
     let manifest = cache.manifest(repo, reference).await?;
     println!("  manifest {} ({})", manifest.digest, manifest.media_type);
     let mut warmed = vec![manifest.digest.clone()];
-    let children = index_children(&manifest.bytes, platform);
-    if children.is_empty() {
+    let Some(children) = index_children(&manifest.bytes, platform) else {
         warm_blobs(cache, repo, &manifest.bytes).await?;
         return Ok(warmed);
+    };
+    if let (true, Some(platform)) = (children.is_empty(), platform) {
+        return Err(anyhow!("no {platform} manifest in this index"));
     }
     for (digest, child_platform) in children {
         let child = cache.manifest(repo, &Reference::Digest(digest)).await?;
@@ -131,15 +133,11 @@ async fn warm_referrers(
 }
 
 /// The children of an index or manifest list, filtered by platform
-/// (`os/arch[/variant]`); empty for an image manifest.
-fn index_children(bytes: &[u8], platform: Option<&str>) -> Vec<(Digest, String)> {
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-        return Vec::new();
-    };
-    let Some(manifests) = value.get("manifests").and_then(|m| m.as_array()) else {
-        return Vec::new();
-    };
-    manifests
+/// (`os/arch[/variant]`); `None` for an image manifest.
+fn index_children(bytes: &[u8], platform: Option<&str>) -> Option<Vec<(Digest, String)>> {
+    let value = serde_json::from_slice::<serde_json::Value>(bytes).ok()?;
+    let manifests = value.get("manifests")?.as_array()?;
+    let children = manifests
         .iter()
         .filter_map(|entry| {
             let digest = Digest::parse(entry.get("digest")?.as_str()?).ok()?;
@@ -157,7 +155,8 @@ fn index_children(bytes: &[u8], platform: Option<&str>) -> Vec<(Digest, String)>
                 platform.is_none_or(|want| name == want || name.starts_with(&format!("{want}/")));
             wanted.then_some((digest, name))
         })
-        .collect()
+        .collect();
+    Some(children)
 }
 
 /// The blobs a manifest refers to (config, layers, artifact blobs); not

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use reqwest::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER,
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, LINK, RETRY_AFTER,
 };
 use reqwest::{Method, Response, StatusCode, Url};
 
@@ -56,9 +56,10 @@ pub enum UpstreamError {
 
 /// Error bodies are small; anything longer is not worth reading.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-/// The largest tag list (one page) read from an upstream: about 300,000
-/// tags of typical length, far beyond any real repository's page.
-const MAX_TAG_LIST_BYTES: usize = 16 << 20;
+/// The largest tag list read from an upstream (one page, and all pages of
+/// one walk together): about 300,000 tags of typical length, far beyond
+/// any real repository.
+pub const MAX_TAG_LIST_BYTES: usize = 16 << 20;
 /// The largest token response read from a token service (a JWT is a few
 /// KiB; a response this size is not one).
 const MAX_TOKEN_RESPONSE_BYTES: usize = 1 << 20;
@@ -378,8 +379,9 @@ impl Upstream {
         self.send(Method::GET, name, &suffix, None).await
     }
 
-    /// One page of the upstream's tag list.
-    pub async fn tags(&self, name: &RepoName, query: &str) -> Result<Vec<String>, UpstreamError> {
+    /// One page of the upstream's tag list: `query` is empty for the first
+    /// page, then what the previous page's `Link` said.
+    pub async fn tags_page(&self, name: &RepoName, query: &str) -> Result<TagPage, UpstreamError> {
         #[derive(serde::Deserialize)]
         struct TagList {
             tags: Option<Vec<String>>,
@@ -390,11 +392,47 @@ impl Upstream {
             format!("tags/list?{query}")
         };
         let response = self.send(Method::GET, name, &suffix, None).await?;
+        let next = next_page_query(response.headers());
         let body = response.bytes(MAX_TAG_LIST_BYTES, "tag list").await?;
         let list: TagList = serde_json::from_slice(&body)
             .map_err(|e| UpstreamError::Unusable(format!("unreadable tag list: {e}")))?;
-        Ok(list.tags.unwrap_or_default())
+        Ok(TagPage {
+            tags: list.tags.unwrap_or_default(),
+            body_bytes: body.len(),
+            next,
+        })
     }
+}
+
+/// One page of an upstream tag list.
+#[derive(Debug)]
+pub struct TagPage {
+    pub tags: Vec<String>,
+    /// What the page weighed on the wire (the walk's memory budget).
+    pub body_bytes: usize,
+    /// The query of the next page, when the upstream's `Link` names one.
+    pub next: Option<String>,
+}
+
+/// The query string of the `rel="next"` target of a `Link` header
+/// (RFC 8288). Only the query is kept: the next page is asked of the
+/// configured upstream, at the same path, whatever host the link names.
+fn next_page_query(headers: &HeaderMap) -> Option<String> {
+    let base = Url::parse("http://upstream.invalid/").ok()?;
+    headers
+        .get_all(LINK)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .find_map(|link| {
+            let (target, params) = link.trim().strip_prefix('<')?.split_once('>')?;
+            let is_next = params.split(';').any(|param| {
+                let param = param.replace(' ', "");
+                param.eq_ignore_ascii_case("rel=\"next\"") || param.eq_ignore_ascii_case("rel=next")
+            });
+            let query = base.join(target).ok()?.query()?.to_owned();
+            (is_next && !query.is_empty()).then_some(query)
+        })
 }
 
 /// A whole body of at most `limit` bytes, refused as soon as it is known
@@ -450,4 +488,39 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn next_of(links: &[&str]) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        for link in links {
+            headers.append(LINK, HeaderValue::from_str(link).unwrap());
+        }
+        next_page_query(&headers)
+    }
+
+    #[test]
+    fn the_next_page_is_the_query_of_the_rel_next_link() {
+        assert_eq!(
+            next_of(&["</v2/a/tags/list?n=2&last=b>; rel=\"next\""]).as_deref(),
+            Some("n=2&last=b")
+        );
+        // Absolute targets (another host even) give only their query.
+        assert_eq!(
+            next_of(&["<https://elsewhere.example/v2/a/tags/list?last=c>; rel=next"]).as_deref(),
+            Some("last=c")
+        );
+        assert_eq!(
+            next_of(&["</p?last=a>; rel=\"prev\", </p?last=z>; rel=\"next\""]).as_deref(),
+            Some("last=z")
+        );
+        assert_eq!(next_of(&["</p?last=a>; rel=\"prev\""]), None);
+        assert_eq!(next_of(&["</v2/a/tags/list>; rel=\"next\""]), None);
+        assert_eq!(next_of(&["garbage"]), None);
+        assert_eq!(next_of(&[]), None);
+    }
 }

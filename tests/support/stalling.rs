@@ -9,7 +9,12 @@
 //!   client gives up);
 //! - `trickle/...`: any blob announced with a length, then a byte per
 //!   100 ms;
-//! - `big/...`: a manifest over 4 MiB, a tag list over 16 MiB.
+//! - `big/...`: a manifest over 4 MiB, a tag list over 16 MiB;
+//! - `paged/...`: the tags [`PAGED_TAGS`] (unsorted) in pages of
+//!   [`PAGE_SIZE`], each after [`PAGE_DELAY`], linked by `Link` headers with
+//!   the stub's own cursor (`?page=K`, an absolute URL); `n` and `last` are
+//!   ignored;
+//! - `endless/...`: tag pages that always link one more.
 //!
 //! Every request is counted by method and path.
 
@@ -29,6 +34,13 @@ use super::server::BackgroundServer;
 
 /// How late `slow/...` manifests come.
 pub const SLOW_DELAY: Duration = Duration::from_millis(1500);
+/// The tags of `paged/...` repositories, in the order the stub lists them.
+pub const PAGED_TAGS: [&str; 7] = ["v10", "latest", "v2", "v1", "alpha", "v3", "beta"];
+/// Tags per page of `paged/...`.
+pub const PAGE_SIZE: usize = 3;
+/// How late each page of `paged/...` comes (so that concurrent requests
+/// overlap one walk through the pages).
+pub const PAGE_DELAY: Duration = Duration::from_millis(200);
 const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
 /// The image every `ok/` and `slow/` repository has.
@@ -125,6 +137,13 @@ impl StallingUpstream {
 
 async fn answer(State(shared): State<Shared>, request: Request) -> Response {
     let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let method = request.method().clone();
     *shared
         .hits
@@ -147,7 +166,15 @@ async fn answer(State(shared): State<Shared>, request: Request) -> Response {
     } else if let Some((_, digest)) = rest.rsplit_once("/blobs/") {
         blob(&shared.image, behaviour, digest)
     } else if rest.ends_with("/tags/list") {
-        tags(behaviour)
+        let page = form_urlencoded::parse(query.as_bytes())
+            .find(|(key, _)| key == "page")
+            .and_then(|(_, value)| value.parse().ok())
+            .unwrap_or(0);
+        if behaviour == "paged" {
+            tokio::time::sleep(PAGE_DELAY).await;
+        }
+        let link = |next: usize| format!("<http://{host}{path}?page={next}>; rel=\"next\"");
+        tags(behaviour, page, link)
     } else {
         StatusCode::NOT_FOUND.into_response()
     };
@@ -205,10 +232,28 @@ fn trickle(length: u64) -> Response {
         .unwrap()
 }
 
-fn tags(behaviour: &str) -> Response {
+/// `link(k)` is the `Link` header value pointing at page `k`.
+fn tags(behaviour: &str, page: usize, link: impl Fn(usize) -> String) -> Response {
     let tags: Vec<String> = match behaviour {
         "big" => (0..150_000).map(|i| format!("{i:0>120}")).collect(),
+        "paged" => PAGED_TAGS
+            .iter()
+            .skip(page * PAGE_SIZE)
+            .take(PAGE_SIZE)
+            .map(|t| t.to_string())
+            .collect(),
+        "endless" => vec![format!("t{page:0>6}")],
         _ => vec!["latest".to_owned()],
     };
-    axum::Json(json!({"name": "stub", "tags": tags})).into_response()
+    let more = match behaviour {
+        "paged" => (page + 1) * PAGE_SIZE < PAGED_TAGS.len(),
+        "endless" => true,
+        _ => false,
+    };
+    let mut response = axum::Json(json!({"name": "stub", "tags": tags})).into_response();
+    if more {
+        let value = header::HeaderValue::from_str(&link(page + 1)).unwrap();
+        response.headers_mut().insert(header::LINK, value);
+    }
+    response
 }
