@@ -8,6 +8,7 @@
 //! - [`upstream`]: the HTTP client for the upstream registry (auth, redirects, timeouts).
 //! - [`storage`]: on-disk layout: content-addressed blobs, staging, tag index.
 //! - [`reference`]: validation of names, tags and digests.
+//! - [`singleflight`]: one shared fetch (a task with a deadline) per key, for cache and upstream alike.
 pub mod api;
 pub mod cache;
 pub mod cli;
@@ -19,5 +20,6 @@ pub mod metrics;
 pub mod reference;
 pub mod routing;
 pub mod server;
+pub mod singleflight;
 pub mod storage;
 pub mod upstream;

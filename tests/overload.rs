@@ -280,3 +280,55 @@ async fn upstream_answers_too_large_to_hold_are_refused_with_a_clear_error() {
     pull_known_image(&kura, &stub).await;
     assert_ready(&kura).await;
 }
+
+/// A rollout's first requests for one repository, all at once, against a
+/// token-protected Distribution: one token fetch for the repository, and
+/// one upstream HEAD per blob, however many clients ask.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_first_requests_share_one_token_and_one_head_per_blob() {
+    let upstream = support::Upstream::token("alice", "s3cret").await;
+    let seeded = support::seed_all(&upstream).await;
+    let kura = Kura::start(KuraOptions::for_upstream(&upstream)).await;
+    let client = client(Duration::from_secs(30));
+    // Kura learns the upstream's scheme from its first challenge.
+    let learn = format!(
+        "{}/v2/{}/manifests/latest",
+        kura.url(),
+        seeded.oci_index.repository
+    );
+    assert_eq!(
+        client.get(learn).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    let seen_before = upstream.requests().len();
+    let issuer = upstream.token_issuer().expect("a token upstream");
+    let tokens_before = issuer.tokens_issued();
+    let image = &seeded.multilayer;
+    let layer = &image.layers[0].digest;
+    let url = format!("{}/v2/{}/blobs/{layer}", kura.url(), image.repository);
+    // The upstream holds its answers until every client has asked.
+    upstream.pause();
+    let heads: Vec<_> = (0..32)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { client.head(url).send().await.map(|r| r.status()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    upstream.resume();
+    for head in heads {
+        assert_eq!(head.await.unwrap().unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        issuer.tokens_issued() - tokens_before,
+        1,
+        "one token for the repository"
+    );
+    let asked = upstream.requests().split_off(seen_before);
+    let heads = asked
+        .iter()
+        .filter(|r| r.method == "HEAD" && r.uri.ends_with(&format!("/blobs/{layer}")))
+        .count();
+    assert_eq!(heads, 1, "one upstream HEAD for the blob: {asked:?}");
+}

@@ -51,7 +51,11 @@ enum Source {
 
 impl Cache {
     /// Size of a blob for HEAD: never downloads the blob.
-    pub async fn blob_stat(&self, name: &RepoName, digest: &Digest) -> Result<BlobStat, ApiError> {
+    pub async fn blob_stat(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<BlobStat, ApiError> {
         if let Some(size) = self
             .storage
             .blob_size(digest)
@@ -69,11 +73,18 @@ impl Cache {
                 cache_hit: true,
             });
         }
+        let this = Arc::clone(self);
+        let (head_name, head_digest) = (name.clone(), digest.clone());
         let size = self
-            .upstream
-            .head_blob(name, digest)
+            .head_flights
+            .run((name.clone(), digest.clone()), move || async move {
+                this.upstream
+                    .head_blob(&head_name, &head_digest)
+                    .await
+                    .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))
+            })
             .await
-            .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
+            .unwrap_or_else(|| Err(super::manifests::fetch_overran()))?;
         Ok(BlobStat {
             size,
             cache_hit: false,

@@ -12,13 +12,13 @@ pub mod download;
 mod follower;
 pub mod manifests;
 pub mod referrers;
-pub mod singleflight;
 pub mod tags;
 
 use std::time::Duration;
 
 use crate::api::error::{ApiError, ErrorCode};
 use crate::reference::{Digest, RepoName, Tag};
+use crate::singleflight::Flights;
 use crate::storage::Storage;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -31,15 +31,17 @@ pub struct Cache {
     storage: Storage,
     upstream: Upstream,
     tag_ttl: Duration,
-    tag_flights: singleflight::Flights<(RepoName, Tag), Result<Manifest, ApiError>>,
-    digest_flights: singleflight::Flights<(RepoName, Digest), Result<Manifest, ApiError>>,
-    tag_list_flights: singleflight::Flights<RepoName, tags::TagList>,
+    tag_flights: Flights<(RepoName, Tag), Result<Manifest, ApiError>>,
+    digest_flights: Flights<(RepoName, Digest), Result<Manifest, ApiError>>,
+    tag_list_flights: Flights<RepoName, tags::TagList>,
+    /// Blob HEADs that found nothing stored: one upstream HEAD per blob.
+    head_flights: Flights<(RepoName, Digest), Result<Option<u64>, ApiError>>,
     downloads: download::Downloads,
     /// `referrersttl`: how long a cached referrers list is fresh.
     referrers_ttl: Duration,
     /// A referrers fetch may try the API, then revalidate the referrers
     /// tag: twice a metadata fetch's deadline.
-    referrer_flights: singleflight::Flights<(RepoName, Digest), Result<Referrers, ApiError>>,
+    referrer_flights: Flights<(RepoName, Digest), Result<Referrers, ApiError>>,
 }
 
 impl Cache {
@@ -50,12 +52,13 @@ impl Cache {
         admission: Admission,
     ) -> Self {
         Self {
-            tag_flights: singleflight::Flights::new(upstream.fetch_deadline()),
-            digest_flights: singleflight::Flights::new(upstream.fetch_deadline()),
-            tag_list_flights: singleflight::Flights::new(upstream.fetch_deadline()),
+            tag_flights: Flights::new(upstream.fetch_deadline()),
+            digest_flights: Flights::new(upstream.fetch_deadline()),
+            tag_list_flights: Flights::new(upstream.fetch_deadline()),
+            head_flights: Flights::new(upstream.fetch_deadline()),
             downloads: download::Downloads::new(admission),
             referrers_ttl: tag_ttl,
-            referrer_flights: singleflight::Flights::new(2 * upstream.fetch_deadline()),
+            referrer_flights: Flights::new(2 * upstream.fetch_deadline()),
             storage,
             upstream,
             tag_ttl,

@@ -6,7 +6,7 @@
 //! instead of paying a 401 round trip each time.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -17,6 +17,7 @@ use serde::Deserialize;
 use super::UpstreamError;
 use crate::config::Secret;
 use crate::metrics::{UpstreamLabels, metrics};
+use crate::singleflight::Flights;
 
 /// Distribution's documented default when a token response has no `expires_in`.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
@@ -104,13 +105,22 @@ impl TokenCache {
 }
 
 pub struct Authenticator {
+    tokens: Arc<TokenService>,
+    scheme: Mutex<Option<Scheme>>,
+    /// One token fetch per scope at a time: a rollout's first requests for
+    /// one repository all need the same token, and a token service (Docker
+    /// Hub's among them) rate-limits.
+    fetches: Flights<String, Result<HeaderValue, UpstreamError>>,
+}
+
+/// Where tokens come from and are kept.
+struct TokenService {
     http: reqwest::Client,
     /// The upstream's label, for metrics.
     label: String,
     credentials: Option<Credentials>,
-    token_timeout: Duration,
-    scheme: Mutex<Option<Scheme>>,
-    tokens: Mutex<TokenCache>,
+    timeout: Duration,
+    cache: Mutex<TokenCache>,
 }
 
 #[derive(Deserialize)]
@@ -128,12 +138,16 @@ impl Authenticator {
         label: String,
     ) -> Self {
         Self {
-            http,
-            label,
-            credentials,
-            token_timeout,
+            tokens: Arc::new(TokenService {
+                http,
+                label,
+                credentials,
+                timeout: token_timeout,
+                cache: Mutex::default(),
+            }),
             scheme: Mutex::new(None),
-            tokens: Mutex::default(),
+            // The request's own timeout, plus reading its (small) body.
+            fetches: Flights::new(2 * token_timeout),
         }
     }
 
@@ -143,13 +157,25 @@ impl Authenticator {
         let scheme = self.scheme.lock().expect("auth lock").clone();
         match scheme {
             None => Ok(None),
-            Some(Scheme::Basic) => Ok(self.credentials.as_ref().map(Credentials::basic_header)),
+            Some(Scheme::Basic) => Ok(self
+                .tokens
+                .credentials
+                .as_ref()
+                .map(Credentials::basic_header)),
             Some(Scheme::Bearer { realm, service }) => {
-                if let Some(header) = self.cached_token(scope) {
+                if let Some(header) = self.tokens.cached(scope) {
                     return Ok(Some(header));
                 }
-                self.fetch_token(&realm, service.as_deref(), scope)
+                let tokens = Arc::clone(&self.tokens);
+                let owned_scope = scope.to_owned();
+                self.fetches
+                    .run(scope.to_owned(), move || async move {
+                        tokens.fetch(&realm, service.as_deref(), &owned_scope).await
+                    })
                     .await
+                    .unwrap_or_else(|| {
+                        Err(UpstreamError::Unreachable("token service too slow".into()))
+                    })
                     .map(Some)
             }
         }
@@ -158,23 +184,25 @@ impl Authenticator {
     /// Learns the scheme from a 401's `WWW-Authenticate` and drops the
     /// token that was refused. Returns whether retrying can help.
     pub fn on_challenge(&self, challenge: Option<&str>, scope: &str) -> bool {
-        self.tokens.lock().expect("auth lock").remove(scope);
+        self.tokens.cache.lock().expect("auth lock").remove(scope);
         let Some(scheme) = challenge.and_then(parse_scheme) else {
             return false;
         };
         let retry_helps = match &scheme {
-            Scheme::Basic => self.credentials.is_some(),
+            Scheme::Basic => self.tokens.credentials.is_some(),
             Scheme::Bearer { .. } => true,
         };
         *self.scheme.lock().expect("auth lock") = Some(scheme);
         retry_helps
     }
+}
 
-    fn cached_token(&self, scope: &str) -> Option<HeaderValue> {
-        self.tokens.lock().expect("auth lock").get(scope)
+impl TokenService {
+    fn cached(&self, scope: &str) -> Option<HeaderValue> {
+        self.cache.lock().expect("auth lock").get(scope)
     }
 
-    async fn fetch_token(
+    async fn fetch(
         &self,
         realm: &Url,
         service: Option<&str>,
@@ -194,7 +222,7 @@ impl Authenticator {
                 upstream: self.label.clone(),
             })
             .inc();
-        let mut request = self.http.get(url).timeout(self.token_timeout);
+        let mut request = self.http.get(url).timeout(self.timeout);
         if let Some(credentials) = &self.credentials {
             request = request.header(reqwest::header::AUTHORIZATION, credentials.basic_header());
         }
@@ -220,7 +248,7 @@ impl Authenticator {
             .map(Duration::from_secs)
             .unwrap_or(DEFAULT_TOKEN_LIFETIME);
         let header = sensitive(format!("Bearer {token}"));
-        self.tokens.lock().expect("auth lock").insert(
+        self.cache.lock().expect("auth lock").insert(
             scope,
             header.clone(),
             Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN),
