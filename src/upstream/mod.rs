@@ -133,7 +133,15 @@ pub struct Upstream {
 pub struct SlottedResponse {
     response: Response,
     slot: Slot,
+    /// `idletimeout`: the window [`MIN_BYTES_PER_WINDOW`] is counted in.
+    window: Duration,
 }
+
+/// Bytes an upstream body must deliver in every `idletimeout` window. A
+/// body that trickles (a byte now and then) never trips the idle timeout,
+/// yet would hold its connection slot, its download turn and every client
+/// following it for hours; any real transfer moves far more.
+const MIN_BYTES_PER_WINDOW: usize = 64 * 1024;
 
 impl SlottedResponse {
     pub fn headers(&self) -> &HeaderMap {
@@ -151,11 +159,25 @@ impl SlottedResponse {
     }
 
     /// The body as a stream of chunks; the slot is released when it ends.
+    /// A body slower than [`MIN_BYTES_PER_WINDOW`] per window ends in an
+    /// error.
     pub fn into_stream(self) -> impl Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static {
-        let slot = self.slot;
+        let (slot, window) = (self.slot, self.window);
+        let (mut window_start, mut window_bytes) = (std::time::Instant::now(), 0);
         self.response.bytes_stream().map(move |chunk| {
             let _held = &slot;
-            chunk.map_err(UpstreamError::from_transport)
+            let chunk = chunk.map_err(UpstreamError::from_transport)?;
+            window_bytes += chunk.len();
+            if window_start.elapsed() >= window {
+                if window_bytes < MIN_BYTES_PER_WINDOW {
+                    return Err(UpstreamError::Unreachable(format!(
+                        "upstream body too slow: under {} KiB in {window:?}",
+                        MIN_BYTES_PER_WINDOW >> 10
+                    )));
+                }
+                (window_start, window_bytes) = (std::time::Instant::now(), 0);
+            }
+            Ok(chunk)
         })
     }
 }
@@ -324,7 +346,11 @@ impl Upstream {
                 }
                 return Err(err);
             }
-            return Ok(SlottedResponse { response, slot });
+            return Ok(SlottedResponse {
+                response,
+                slot,
+                window: self.idle_timeout,
+            });
         }
         unreachable!("the loop returns on its second attempt")
     }
