@@ -54,6 +54,13 @@ pub struct UpstreamStatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamMethodLabels {
+    pub upstream: String,
+    /// `GET` or `HEAD`.
+    pub method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SlotLabels {
     pub upstream: String,
     /// `metadata` (manifests, HEADs, tag lists) or `body` (blob bodies).
@@ -76,6 +83,10 @@ pub struct Metrics {
     pub upstream_requests: Family<UpstreamStatusLabels, Counter>,
     pub upstream_up: Family<UpstreamLabels, Gauge>,
     pub token_fetches: Family<UpstreamLabels, Counter>,
+    pub upstream_manifest_requests: Family<UpstreamMethodLabels, Counter>,
+    pub ratelimit_limit: Family<UpstreamLabels, Gauge>,
+    pub ratelimit_remaining: Family<UpstreamLabels, Gauge>,
+    pub ratelimit_window_seconds: Family<UpstreamLabels, Gauge>,
     pub downloads_in_flight: Gauge,
     pub downloads_waiting: Gauge,
     pub upstream_slots_in_use: Family<SlotLabels, Gauge>,
@@ -109,6 +120,10 @@ impl Metrics {
             upstream_requests: Family::default(),
             upstream_up: Family::default(),
             token_fetches: Family::default(),
+            upstream_manifest_requests: Family::default(),
+            ratelimit_limit: Family::default(),
+            ratelimit_remaining: Family::default(),
+            ratelimit_window_seconds: Family::default(),
             downloads_in_flight: Gauge::default(),
             downloads_waiting: Gauge::default(),
             upstream_slots_in_use: Family::default(),
@@ -164,6 +179,27 @@ impl Metrics {
             "upstream_token_fetches",
             "Bearer tokens fetched, by upstream",
             metrics.token_fetches.clone(),
+        );
+        r.register(
+            "upstream_manifest_requests",
+            "Manifest requests sent upstream, by upstream and method \
+             (a GET counts against Docker Hub's pull limit, a HEAD does not)",
+            metrics.upstream_manifest_requests.clone(),
+        );
+        r.register(
+            "upstream_ratelimit_limit",
+            "The pull allowance the upstream last reported (ratelimit-limit)",
+            metrics.ratelimit_limit.clone(),
+        );
+        r.register(
+            "upstream_ratelimit_remaining",
+            "The pulls left the upstream last reported (ratelimit-remaining)",
+            metrics.ratelimit_remaining.clone(),
+        );
+        r.register(
+            "upstream_ratelimit_window_seconds",
+            "The window of the upstream's pull allowance, in seconds (w=)",
+            metrics.ratelimit_window_seconds.clone(),
         );
         r.register(
             "downloads_in_flight",

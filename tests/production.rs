@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use support::images::sha256_digest;
 use support::process::{require_tool, run_tool};
-use support::{Kura, KuraOptions, Upstream, seed_all, seed_large};
+use support::{Kura, KuraOptions, StallingUpstream, Upstream, seed_all, seed_large};
 
 fn write(dir: &Path, name: &str, contents: &str) -> std::path::PathBuf {
     let path = dir.join(name);
@@ -415,4 +415,65 @@ fn credentials_in_a_remote_url_are_refused_and_never_printed() {
         assert!(printed.contains("username and password"), "{printed}");
         assert!(!printed.contains("hunter2"), "password printed: {printed}");
     }
+}
+
+/// Docker Hub's allowance headers become gauges, and a tag revalidated by
+/// HEAD (`tagttl: 0`) spends no counted pull: only manifest GETs count.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_rate_limit_headers_become_gauges_and_heads_are_not_counted_pulls() {
+    use support::stalling::{RATE_LIMIT, RATE_WINDOW};
+    let stub = StallingUpstream::start();
+    let mut options = KuraOptions::new(&stub.url());
+    options.extra_env = vec![("REGISTRY_PROXY_TAGTTL".into(), "0".into())];
+    let kura = Kura::start(options).await;
+    let manifest = format!("{}/v2/limited/app/manifests/latest", kura.url());
+    let get_manifest = || async {
+        let response = reqwest::get(&manifest).await.expect("manifest answered");
+        assert_eq!(response.status(), StatusCode::OK);
+    };
+
+    get_manifest().await;
+    let cold = scrape(&kura).await;
+    let upstream = r#"upstream="proxy""#;
+    let gauge = |text: &str, name: &str| sample(text, name, &[upstream]);
+    assert_eq!(
+        gauge(&cold, "kura_upstream_ratelimit_limit"),
+        f64::from(RATE_LIMIT)
+    );
+    assert_eq!(
+        gauge(&cold, "kura_upstream_ratelimit_remaining"),
+        f64::from(RATE_LIMIT - 1)
+    );
+    assert_eq!(
+        gauge(&cold, "kura_upstream_ratelimit_window_seconds"),
+        f64::from(RATE_WINDOW)
+    );
+    let counted = |text: &str, method: &str| {
+        sample(
+            text,
+            "kura_upstream_manifest_requests_total",
+            &[upstream, &format!(r#"method="{method}""#)],
+        )
+    };
+    assert_eq!(counted(&cold, "GET"), 1.0, "{cold}");
+
+    get_manifest().await;
+    get_manifest().await;
+    let warm = scrape(&kura).await;
+    assert_eq!(
+        counted(&warm, "GET"),
+        1.0,
+        "revalidation spent a pull: {warm}"
+    );
+    assert_eq!(
+        counted(&warm, "HEAD") - counted(&cold, "HEAD"),
+        2.0,
+        "one HEAD per revalidation: {warm}"
+    );
+    assert_eq!(stub.hits("GET", "/v2/limited/app/manifests/latest"), 1);
+    assert_eq!(
+        gauge(&warm, "kura_upstream_ratelimit_remaining"),
+        f64::from(RATE_LIMIT - 1),
+        "a HEAD does not lower the allowance"
+    );
 }

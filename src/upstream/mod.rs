@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod courtesy;
+mod ratelimit;
 pub mod referrers;
 
 use std::time::Duration;
@@ -18,7 +19,7 @@ use reqwest::{Method, Response, StatusCode, Url};
 use anyhow::Context as _;
 
 use crate::config::UpstreamConfig;
-use crate::metrics::{UpstreamLabels, UpstreamStatusLabels, metrics};
+use crate::metrics::{UpstreamLabels, UpstreamMethodLabels, UpstreamStatusLabels, metrics};
 use crate::reference::{Digest, MAX_MANIFEST_BYTES, RepoName};
 use auth::{Authenticator, Credentials};
 use courtesy::{Courtesy, Slot, SlotKind};
@@ -292,8 +293,28 @@ impl Upstream {
             (&Method::GET, true) => SlotKind::Body,
             _ => SlotKind::Metadata,
         };
+        if suffix.starts_with("manifests/") {
+            self.count_manifest_request(&method);
+        }
         let url = self.url(&self.upstream_name(name), suffix);
         self.send_to(method, name, url, kind, accept).await
+    }
+
+    /// Counts a manifest request apart by method: Docker Hub counts a GET
+    /// as a pull against its limit, a HEAD not.
+    fn count_manifest_request(&self, method: &Method) {
+        let method = if method == Method::HEAD {
+            "HEAD"
+        } else {
+            "GET"
+        };
+        metrics()
+            .upstream_manifest_requests
+            .get_or_create(&UpstreamMethodLabels {
+                upstream: self.label.clone(),
+                method,
+            })
+            .inc();
     }
 
     /// [`Self::send`] to a URL already built: a next page the upstream
@@ -325,6 +346,7 @@ impl Upstream {
                 .and_then(|result| result.map_err(UpstreamError::from_transport));
             self.record(sent.as_ref().ok().map(|r| r.status().as_u16()));
             let response = sent?;
+            ratelimit::observe(&self.label, response.headers());
             if response.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let challenge = response
                     .headers()

@@ -14,12 +14,16 @@
 //!   [`PAGE_SIZE`], each after [`PAGE_DELAY`], linked by `Link` headers with
 //!   the stub's own cursor (`?page=K`, an absolute URL); `n` and `last` are
 //!   ignored;
-//! - `endless/...`: tag pages that always link one more.
+//! - `endless/...`: tag pages that always link one more;
+//! - `limited/...`: the `ok/` image, its manifest answers carrying Docker
+//!   Hub's `ratelimit-limit: 100;w=21600` and `ratelimit-remaining`, which
+//!   only a manifest GET lowers (a HEAD does not count).
 //!
 //! Every request is counted by method and path.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +45,9 @@ pub const PAGE_SIZE: usize = 3;
 /// How late each page of `paged/...` comes (so that concurrent requests
 /// overlap one walk through the pages).
 pub const PAGE_DELAY: Duration = Duration::from_millis(200);
+/// The allowance `limited/...` reports, per window of [`RATE_WINDOW`] s.
+pub const RATE_LIMIT: u32 = 100;
+pub const RATE_WINDOW: u32 = 21600;
 const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
 /// The image every `ok/` and `slow/` repository has.
@@ -88,6 +95,8 @@ impl StubImage {
 struct Shared {
     image: StubImage,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    /// Manifest GETs of `limited/...` so far: what Hub would count.
+    counted_pulls: Arc<AtomicU32>,
 }
 
 pub struct StallingUpstream {
@@ -100,6 +109,7 @@ impl StallingUpstream {
         let shared = Shared {
             image: StubImage::new(),
             hits: Arc::default(),
+            counted_pulls: Arc::default(),
         };
         let app = axum::Router::new()
             .fallback(answer)
@@ -162,7 +172,12 @@ async fn answer(State(shared): State<Shared>, request: Request) -> Response {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     let response = if let Some((_, reference)) = rest.rsplit_once("/manifests/") {
-        manifest(&shared.image, behaviour, reference).await
+        let response = manifest(&shared.image, behaviour, reference).await;
+        if behaviour == "limited" {
+            with_rate_limit(response, &shared.counted_pulls, &method)
+        } else {
+            response
+        }
     } else if let Some((_, digest)) = rest.rsplit_once("/blobs/") {
         blob(&shared.image, behaviour, digest)
     } else if rest.ends_with("/tags/list") {
@@ -208,6 +223,27 @@ async fn manifest(image: &StubImage, behaviour: &str, reference: &str) -> Respon
         bytes,
     )
         .into_response()
+}
+
+/// Adds Docker Hub's allowance headers; a GET spends one pull first.
+fn with_rate_limit(mut response: Response, counted_pulls: &AtomicU32, method: &Method) -> Response {
+    if method == Method::GET {
+        counted_pulls.fetch_add(1, Ordering::SeqCst);
+    }
+    let remaining = RATE_LIMIT.saturating_sub(counted_pulls.load(Ordering::SeqCst));
+    let headers = response.headers_mut();
+    for (name, count) in [
+        ("ratelimit-limit", RATE_LIMIT),
+        ("ratelimit-remaining", remaining),
+    ] {
+        let value = format!("{count};w={RATE_WINDOW}");
+        headers.insert(name, header::HeaderValue::from_str(&value).unwrap());
+    }
+    headers.insert(
+        "docker-ratelimit-source",
+        header::HeaderValue::from_static("127.0.0.1"),
+    );
+    response
 }
 
 fn blob(image: &StubImage, behaviour: &str, digest: &str) -> Response {
