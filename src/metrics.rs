@@ -95,6 +95,7 @@ pub struct Metrics {
     pub storage_objects: Gauge,
     pub evicted_blobs: Counter,
     pub evicted_bytes: Counter,
+    pub catalog_listings: Counter,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -132,6 +133,7 @@ impl Metrics {
             storage_objects: Gauge::default(),
             evicted_blobs: Counter::default(),
             evicted_bytes: Counter::default(),
+            catalog_listings: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -240,6 +242,11 @@ impl Metrics {
             "evicted_bytes",
             "Bytes of blobs removed by eviction",
             metrics.evicted_bytes.clone(),
+        );
+        r.register(
+            "catalog_listings",
+            "Listings of every repository in storage, for _catalog",
+            metrics.catalog_listings.clone(),
         );
         Self {
             registry,

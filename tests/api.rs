@@ -616,3 +616,44 @@ async fn concurrent_requests_for_one_cold_tag_share_one_upstream_request() {
         "{metrics}"
     );
 }
+
+/// `kura_catalog_listings_total`: how often Kura listed every repository.
+async fn catalog_listings(kura: &Kura) -> String {
+    let metrics = get(kura, "/metrics").await.text().await.unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("kura_catalog_listings_total "))
+        .unwrap_or("0")
+        .to_owned()
+}
+
+async fn catalog_repositories(kura: &Kura) -> serde_json::Value {
+    let catalog: serde_json::Value = get(kura, "/v2/_catalog").await.json().await.unwrap();
+    catalog["repositories"].clone()
+}
+
+/// Concurrent `_catalog` requests share one listing of storage, later
+/// ones are answered from memory, and a repository pulled meanwhile shows
+/// at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_catalog_requests_list_storage_once_and_new_repositories_show_at_once() {
+    let upstream = Upstream::anonymous().await;
+    let seeded = seed_all(&upstream).await;
+    let kura = Kura::start(KuraOptions::for_upstream(&upstream)).await;
+    assert!(kura.pull(&seeded.multilayer).await);
+
+    let requests = (0..200).map(|_| catalog_repositories(&kura));
+    let answers = futures_util::future::join_all(requests).await;
+    for answer in answers {
+        assert_eq!(answer, serde_json::json!(["library/multilayer"]));
+    }
+    assert_eq!(catalog_listings(&kura).await, "1");
+
+    let newcomer = get(&kura, "/v2/multiarch/oci/manifests/latest").await;
+    assert_eq!(newcomer.status(), StatusCode::OK);
+    assert_eq!(
+        catalog_repositories(&kura).await,
+        serde_json::json!(["library/multilayer", "multiarch/oci"])
+    );
+    assert_eq!(catalog_listings(&kura).await, "1", "listed again");
+}

@@ -326,3 +326,28 @@ async fn encrypt_and_keyid_encrypt_every_object_kura_writes() {
         assert!(algorithm.is_some(), "stored unencrypted: {key}");
     }
 }
+
+/// A repository cached through replica A shows in replica B's `_catalog`
+/// within B's refresh interval, though B never linked it itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repository_pulled_through_one_replica_shows_in_anothers_catalog() {
+    let s3 = S3Server::start().await;
+    let upstream = Upstream::anonymous().await;
+    let seeded = seed_all(&upstream).await;
+    let (a, _a_dir) = replica(&s3, &upstream).await;
+    let (b, _b_dir) = replica(&s3, &upstream).await;
+    assert!(b.catalog().await.is_empty());
+
+    assert!(a.pull(&seeded.multilayer).await);
+    let expected = vec![seeded.multilayer.repository.clone()];
+    // B's refresh (5 s) plus slack for a busy machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while b.catalog().await != expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B's catalog still lacks what A cached: {:?}",
+            b.catalog().await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

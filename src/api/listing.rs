@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::error::{ApiError, ErrorCode};
 use crate::cache::Cache;
-use crate::cache::tags::{Page, paginate};
+use crate::cache::tags::Page;
 use crate::reference::RepoName;
 use crate::storage::Storage;
 
@@ -45,11 +45,10 @@ fn parse_paging(query: &str) -> Result<Paging, ApiError> {
 
 pub async fn catalog(storage: &Storage, query: &str) -> Result<Response, ApiError> {
     let paging = parse_paging(query)?;
-    let repositories = storage
-        .list_repositories()
+    let page = storage
+        .catalog_page(paging.n, paging.last.as_deref())
         .await
         .map_err(|e| ApiError::internal(format!("listing repositories: {e}")))?;
-    let page = paginate(&repositories, paging.n, paging.last.as_deref());
     let body = json!({ "repositories": page.items });
     Ok(with_next_link("/v2/_catalog", None, &page, paging.n, body))
 }

@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use std::io;
 use std::time::SystemTime;
 
-use super::Storage;
+use super::{Storage, catalog};
+use crate::cache::tags::Page;
 use crate::reference::{Digest, RepoName, Tag};
 
 const REPOSITORIES_PREFIX: &str = "repositories/";
@@ -116,7 +117,15 @@ impl Storage {
         media_type: &str,
     ) -> io::Result<()> {
         self.write_small(&self.revision_key(name, digest), media_type.as_bytes())
-            .await
+            .await?;
+        self.catalog.note(&self.catalog_name(name));
+        Ok(())
+    }
+
+    /// The repository as `_catalog` lists it (`ghcr.io/org/app`).
+    fn catalog_name(&self, name: &RepoName) -> String {
+        let key = self.repo_key(name);
+        key[REPOSITORIES_PREFIX.len()..].to_owned()
     }
 
     pub async fn tag_link(&self, name: &RepoName, tag: &Tag) -> io::Result<Option<TagLink>> {
@@ -266,6 +275,26 @@ impl Storage {
         Ok(repositories.into_iter().collect())
     }
 
+    /// A page of [`Storage::list_repositories`], from the in-memory
+    /// catalog while it is fresh, else after one (shared) listing.
+    pub async fn catalog_page(&self, n: Option<usize>, last: Option<&str>) -> io::Result<Page> {
+        if let Some(page) = self.catalog.fresh_page(n, last) {
+            return Ok(page);
+        }
+        let storage = self.clone();
+        let listing = self
+            .catalog
+            .relist(async move {
+                let links = storage.list_manifest_links().await;
+                links
+                    .map(|links| links.into_iter().map(|link| link.repository).collect())
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(io::Error::other)?;
+        Ok(catalog::page(&listing, n, last))
+    }
+
     /// Tags of a link's repository that point at the link's manifest.
     pub async fn tags_of(&self, link: &ManifestLink) -> io::Result<Vec<String>> {
         let prefix = link.tags_prefix();
@@ -295,6 +324,8 @@ impl Storage {
                 .await?;
         }
         self.objects.delete(&link.referrers_key()).await?;
-        self.objects.delete(&link.revision_key()).await
+        self.objects.delete(&link.revision_key()).await?;
+        self.catalog.invalidate();
+        Ok(())
     }
 }

@@ -22,6 +22,7 @@
 
 pub mod access;
 pub mod blobs;
+pub mod catalog;
 pub mod file_reads;
 pub mod index;
 pub mod objects;
@@ -52,6 +53,8 @@ pub struct Storage {
     namespace: Option<String>,
     /// Shared by every view: recency is per blob, whoever serves it.
     access: Arc<access::AccessTracker>,
+    /// Shared by every view: `_catalog` lists every namespace.
+    catalog: Arc<catalog::Catalog>,
     /// When a readiness probe last wrote successfully.
     proven_writable: Arc<std::sync::Mutex<Option<Instant>>>,
     /// This process's own staging directory, shared by every view and
@@ -74,6 +77,7 @@ impl Storage {
             objects,
             namespace: None,
             access: Arc::default(),
+            catalog: Arc::default(),
             proven_writable: Arc::default(),
             staging: None,
         }

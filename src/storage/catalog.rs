@@ -1,0 +1,191 @@
+//! The repository names `_catalog` pages through, kept in memory so a
+//! request does not list every key under `repositories/` (on S3 a listing
+//! of the whole bucket, on disk a walk of the whole tree).
+//!
+//! The set is listed again on demand once it is older than [`REFRESH`]:
+//! concurrent requests then share one listing ([`Flights`]), so there is at
+//! most one listing per interval however many requests come. A repository
+//! this process links a manifest for is added at once ([`Catalog::note`]);
+//! one another replica links (S3) shows after the next listing, and one
+//! collected here goes at once ([`Catalog::invalidate`]).
+//!
+//! Bound: at most [`MAX_REPOSITORIES`] names are kept (one `String` each,
+//! a few MiB). A storage holding more is listed for each request again
+//! (still one listing for concurrent requests), as before this cache.
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::cache::tags::Page;
+use crate::singleflight::Flights;
+
+/// How old a listing may be before a request lists again: how long a
+/// repository another replica cached may be missing from this one's
+/// catalog.
+pub const REFRESH: Duration = Duration::from_secs(5);
+/// The most names kept between requests.
+pub const MAX_REPOSITORIES: usize = 100_000;
+/// How long one listing may run before its waiters get an error.
+const LISTING_DEADLINE: Duration = Duration::from_secs(120);
+
+pub type Listing = Result<Arc<BTreeSet<String>>, String>;
+
+#[derive(Default)]
+struct State {
+    names: BTreeSet<String>,
+    /// When the listing behind `names` started; `None` when there is no
+    /// usable one (never listed, too many names, something was removed).
+    listed_at: Option<Instant>,
+    /// Names noted while a listing runs, which it may have missed.
+    noted_during_listing: Option<BTreeSet<String>>,
+}
+
+pub struct Catalog {
+    state: Mutex<State>,
+    listings: Flights<(), Listing>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").finish_non_exhaustive()
+    }
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            listings: Flights::new(LISTING_DEADLINE),
+        }
+    }
+}
+
+impl Catalog {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("catalog lock")
+    }
+
+    /// A page of the cached names, if the listing is recent enough.
+    pub fn fresh_page(&self, n: Option<usize>, last: Option<&str>) -> Option<Page> {
+        let state = self.state();
+        let fresh = state.listed_at.is_some_and(|at| at.elapsed() < REFRESH);
+        fresh.then(|| page(&state.names, n, last))
+    }
+
+    /// Runs `list` unless a listing is under way already (then joins it),
+    /// and keeps its result (within the bound).
+    pub async fn relist<F>(self: &Arc<Self>, list: F) -> Listing
+    where
+        F: Future<Output = Result<BTreeSet<String>, String>> + Send + 'static,
+    {
+        let catalog = Arc::clone(self);
+        let listing = self
+            .listings
+            .run((), move || async move {
+                let started = Instant::now();
+                catalog.state().noted_during_listing = Some(BTreeSet::new());
+                crate::metrics::metrics().catalog_listings.inc();
+                let listed = list.await;
+                catalog.keep(started, listed)
+            })
+            .await;
+        listing.unwrap_or_else(|| Err("listing repositories took too long".to_owned()))
+    }
+
+    fn keep(&self, started: Instant, listed: Result<BTreeSet<String>, String>) -> Listing {
+        let mut state = self.state();
+        let noted = state.noted_during_listing.take().unwrap_or_default();
+        let mut names = listed?;
+        names.extend(noted);
+        if names.len() <= MAX_REPOSITORIES {
+            state.names = names.clone();
+            state.listed_at = Some(started);
+        } else {
+            tracing::warn!(
+                repositories = names.len(),
+                max = MAX_REPOSITORIES,
+                "too many repositories to keep the catalog in memory; listing per request"
+            );
+            *state = State::default();
+        }
+        Ok(Arc::new(names))
+    }
+
+    /// A repository this process just linked a manifest for.
+    pub fn note(&self, repository: &str) {
+        let mut state = self.state();
+        if let Some(noted) = &mut state.noted_during_listing {
+            noted.insert(repository.to_owned());
+        }
+        let known = state.names.contains(repository);
+        if state.listed_at.is_some() && !known && state.names.len() < MAX_REPOSITORIES {
+            state.names.insert(repository.to_owned());
+        } else if !known {
+            // Over the bound: the next request lists instead.
+            state.listed_at = None;
+        }
+    }
+
+    /// Something was removed: the next request lists again.
+    pub fn invalidate(&self) {
+        self.state().listed_at = None;
+    }
+}
+
+/// Paging as the distribution spec defines it: names after `last`, at most
+/// `n` of them.
+pub fn page(names: &BTreeSet<String>, n: Option<usize>, last: Option<&str>) -> Page {
+    let after = last.map_or(Bound::Unbounded, Bound::Excluded);
+    let mut rest = names.range::<str, _>((after, Bound::Unbounded));
+    let take = n.unwrap_or(usize::MAX);
+    let items: Vec<String> = rest.by_ref().take(take).cloned().collect();
+    Page {
+        items,
+        more: rest.next().is_some(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn pages_follow_last_and_n() {
+        let all = names(&["a", "b/c", "d"]);
+        let first = page(&all, Some(2), None);
+        assert_eq!(
+            (first.items.as_slice(), first.more),
+            (&["a".to_owned(), "b/c".to_owned()][..], true)
+        );
+        let rest = page(&all, Some(2), Some("b/c"));
+        assert_eq!((rest.items, rest.more), (vec!["d".to_owned()], false));
+        assert!(page(&all, Some(0), None).items.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_noted_repository_shows_at_once_and_one_noted_while_listing_is_kept() {
+        let catalog = Arc::new(Catalog::default());
+        assert!(catalog.fresh_page(None, None).is_none(), "never listed");
+        catalog.note("early");
+        let during = Arc::clone(&catalog);
+        let listed = catalog
+            .relist(async move {
+                during.note("during");
+                Ok(names(&["listed"]))
+            })
+            .await
+            .unwrap();
+        assert_eq!(*listed, names(&["during", "listed"]));
+        catalog.note("after");
+        let page = catalog.fresh_page(None, None).expect("fresh");
+        assert_eq!(page.items, ["after", "during", "listed"]);
+        catalog.invalidate();
+        assert!(catalog.fresh_page(None, None).is_none());
+    }
+}
