@@ -351,3 +351,124 @@ async fn a_repository_pulled_through_one_replica_shows_in_anothers_catalog() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A layer large enough that its upload takes a while (several parts).
+async fn large_image(upstream: &Upstream, repository: &str) -> support::PushedImage {
+    use support::Platform;
+    use support::images::{Flavor, ImageBuild, Layer, OCI_LAYER_TAR};
+    let data: Vec<u8> = (0..64u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    ImageBuild::new(
+        Flavor::Oci,
+        Platform::linux("amd64", None),
+        vec![Layer::plain(data, OCI_LAYER_TAR)],
+    )
+    .push(&upstream.client(), repository, Some("latest"))
+    .await
+}
+
+/// Starts a cold GET of the image's layer through `kura` and returns
+/// once its headers are in: the replica has looked in the bucket and is
+/// downloading. Fails saying why when the answer is not a 200.
+async fn cold_layer_get(kura: &Kura, image: &support::PushedImage) -> reqwest::Response {
+    let layer = &image.layers[0];
+    let url = format!(
+        "{}/v2/{}/blobs/{}",
+        kura.url(),
+        image.repository,
+        layer.digest
+    );
+    let response = support::net::http_client(Duration::from_secs(60))
+        .get(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}\n{}", kura.log_text()));
+    assert_eq!(
+        response.status(),
+        200,
+        "GET {url}: not a 200\n{}",
+        kura.log_text()
+    );
+    response
+}
+
+/// The client's last byte does not wait for the bucket: with the bucket
+/// frozen for the whole transfer, the body still completes, and the
+/// upload lands once the bucket answers again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_pull_completes_while_the_bucket_is_paused_and_lands_after() {
+    let s3 = S3Server::start().await;
+    let upstream = Upstream::anonymous().await;
+    let image = large_image(&upstream, "paused/large").await;
+    let (kura, _dir) = replica(&s3, &upstream).await;
+
+    let response = cold_layer_get(&kura, &image).await;
+    s3.pause();
+    let body = tokio::time::timeout(Duration::from_secs(30), response.bytes()).await;
+    let staged = largest_file_under(&kura.cache_dir().join("staging"));
+    s3.resume();
+    let body = body
+        .unwrap_or_else(|_| panic!("the body waited for the paused bucket\n{}", kura.log_text()))
+        .unwrap_or_else(|e| panic!("the body failed: {e}\n{}", kura.log_text()));
+    assert_eq!(
+        sha256_digest(&body),
+        image.layers[0].digest,
+        "wrong bytes from the replica"
+    );
+    assert_eq!(
+        staged,
+        body.len() as u64,
+        "the upload finished before the client's last byte (no staging file left)"
+    );
+    s3.wait_for_blobs(&[image.layers[0].digest.clone()].into())
+        .await;
+}
+
+/// The size of the largest file anywhere under `dir` (0 if none).
+fn largest_file_under(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => largest_file_under(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A bucket that fails during the upload fails no client: the verified
+/// bytes are served from staging, and the upload is retried until the
+/// bucket is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bucket_failing_during_the_upload_fails_no_client_and_the_upload_is_retried() {
+    let mut s3 = S3Server::start().await;
+    let upstream = Upstream::anonymous().await;
+    let image = large_image(&upstream, "outage/large").await;
+    let (kura, _dir) = replica(&s3, &upstream).await;
+
+    let response = cold_layer_get(&kura, &image).await;
+    s3.kill();
+    let body = response
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("the body failed: {e}\n{}", kura.log_text()));
+    assert_eq!(
+        sha256_digest(&body),
+        image.layers[0].digest,
+        "wrong bytes from the replica"
+    );
+    s3.restart().await;
+    s3.wait_for_blobs(&[image.layers[0].digest.clone()].into())
+        .await;
+    assert!(
+        kura.log_text()
+            .contains("upload to the bucket failed; retrying"),
+        "the upload did not fail first (the bucket was down):\n{}",
+        kura.log_text()
+    );
+}

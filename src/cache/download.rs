@@ -185,6 +185,10 @@ impl Cache {
         committed_before: u64,
         progress: &watch::Sender<Progress>,
     ) -> Result<Progress, ApiError> {
+        // Held until the commit is over, upload retries included: the
+        // turn is what bounds the staging files on disk and the uploads'
+        // part buffers, so a failing bucket slows new cold downloads
+        // down instead of piling up staging files.
         let _turn = self.downloads.admission.admit().await?;
         let _running = GaugeGuard::inc(&metrics().downloads_in_flight);
         // A download of this digest may have committed it between the

@@ -282,8 +282,9 @@ impl Objects {
 
     /// Makes a verified local file the object `key`: a durable rename on
     /// disk (see [`durable_rename`]), a streaming multipart upload (memory
-    /// bounded by the part size) to S3. The local file is gone afterwards
-    /// either way.
+    /// bounded by the part size) to S3, retried with backoff (see
+    /// [`upload_with_retries`]). The local file is gone afterwards either
+    /// way, on every path.
     pub async fn commit_file(&self, local: &Path, key: &str) -> io::Result<()> {
         match self {
             Objects::Fs { root } => {
@@ -297,9 +298,9 @@ impl Objects {
                 .await
             }
             Objects::S3 { op, .. } => {
-                let result = upload(op, local, key).await;
-                let _ = fs::remove_file(local).await;
-                result
+                // Removed however the upload ends, cancellation included.
+                let _staging = RemoveOnDrop(local);
+                upload_with_retries(op, local, key).await
             }
         }
     }
@@ -357,6 +358,46 @@ fn s3_transport() -> io::Result<ReqwestTransport> {
         .build()
         .map_err(io::Error::other)?;
     Ok(ReqwestTransport::new(client))
+}
+
+/// Whole multipart uploads tried before a blob is given up: a bucket that
+/// fails for a moment (a restart, a throttling burst) costs a retry, not
+/// the cache entry. Giving up never fails a client (its bytes were
+/// verified and served from staging); the blob is fetched again on its
+/// next miss.
+const UPLOAD_ATTEMPTS: u32 = 4;
+
+/// Wait before the first retry, doubled before each next one (1 s, 2 s,
+/// 4 s): about seven seconds for the bucket to come back.
+const FIRST_UPLOAD_BACKOFF: Duration = Duration::from_secs(1);
+
+/// [`upload`], retried as a whole: a multipart upload that failed is
+/// aborted, so each attempt starts again from the staging file, which
+/// stays until the last attempt.
+async fn upload_with_retries(op: &Operator, local: &Path, key: &str) -> io::Result<()> {
+    let mut backoff = FIRST_UPLOAD_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match upload(op, local, key).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < UPLOAD_ATTEMPTS => {
+                tracing::warn!(key, attempt, error = %e, retry_in = ?backoff, "upload to the bucket failed; retrying");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
+        attempt += 1;
+    }
+}
+
+/// Removes a staging file when dropped.
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
 }
 
 async fn upload(op: &Operator, local: &Path, key: &str) -> io::Result<()> {

@@ -16,34 +16,38 @@ pub const SECRET_KEY: &str = "test-secret";
 
 pub struct S3Server {
     process: ChildGuard,
+    port: u16,
     endpoint: String,
-    _log_dir: TempDir,
+    log_dir: TempDir,
 }
 
 impl S3Server {
     pub async fn start() -> Self {
         let log_dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
-        let mut command = Command::new(require_tool("moto_server"));
-        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
-        let process = ChildGuard::spawn("moto_server", command, &log_dir.path().join("moto.log"));
-        let endpoint = format!("http://127.0.0.1:{port}");
-        wait_http_ok(&format!("{endpoint}/moto-api/"), Duration::from_secs(20)).await;
-        let created = http_client(Duration::from_secs(10))
-            .put(format!("{endpoint}/{BUCKET}"))
-            .send()
-            .await
-            .expect("create bucket");
-        assert!(
-            created.status().is_success(),
-            "create bucket: {}",
-            created.status()
-        );
+        let process = spawn_with_bucket(port, log_dir.path()).await;
         Self {
             process,
-            endpoint,
-            _log_dir: log_dir,
+            port,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            log_dir,
         }
+    }
+
+    /// Freezes the server (SIGSTOP): connections are accepted by the
+    /// kernel but nothing answers, as with a bucket that stalls.
+    pub fn pause(&self) {
+        self.process.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.process.signal("CONT");
+    }
+
+    /// After [`S3Server::kill`]: a new, empty server with the bucket on
+    /// the same port, as a bucket back from an outage (moto keeps nothing).
+    pub async fn restart(&mut self) {
+        self.process = spawn_with_bucket(self.port, self.log_dir.path()).await;
     }
 
     pub fn endpoint(&self) -> &str {
@@ -176,6 +180,25 @@ impl S3Server {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+}
+
+async fn spawn_with_bucket(port: u16, log_dir: &Path) -> ChildGuard {
+    let mut command = Command::new(require_tool("moto_server"));
+    command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    let process = ChildGuard::spawn("moto_server", command, &log_dir.join("moto.log"));
+    let endpoint = format!("http://127.0.0.1:{port}");
+    wait_http_ok(&format!("{endpoint}/moto-api/"), Duration::from_secs(20)).await;
+    let created = http_client(Duration::from_secs(10))
+        .put(format!("{endpoint}/{BUCKET}"))
+        .send()
+        .await
+        .expect("create bucket");
+    assert!(
+        created.status().is_success(),
+        "create bucket: {}",
+        created.status()
+    );
+    process
 }
 
 fn xml_values(body: &str, tag: &str) -> Vec<String> {
