@@ -16,11 +16,7 @@ fn client() -> reqwest::Client {
 }
 
 async fn get(kura: &Kura, path: &str) -> reqwest::Response {
-    client()
-        .get(format!("{}{path}", kura.url()))
-        .send()
-        .await
-        .unwrap()
+    kura.get(path).await
 }
 
 async fn head(kura: &Kura, path: &str) -> reqwest::Response {

@@ -24,11 +24,7 @@ fn client() -> reqwest::Client {
 }
 
 async fn get(kura: &Kura, path: &str) -> reqwest::Response {
-    client()
-        .get(format!("{}{path}", kura.url()))
-        .send()
-        .await
-        .unwrap()
+    kura.get(path).await
 }
 
 async fn error_code(response: reqwest::Response) -> String {

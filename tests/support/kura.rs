@@ -187,6 +187,15 @@ impl Kura {
         true
     }
 
+    /// `GET path` (e.g. `/v2/`) with a patient client; panics if no answer.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        super::net::http_client(std::time::Duration::from_secs(120))
+            .get(format!("{}{path}", self.url()))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     /// `GET /metrics` as text; panics on failure.
     pub async fn metrics_text(&self) -> String {
         let client = super::net::http_client(std::time::Duration::from_secs(30));
