@@ -221,6 +221,14 @@ async fn signatures_and_sboms_through_kura(mut upstream: Upstream) {
     assert_eq!(empty.status, StatusCode::OK, "never 404 for a subject");
     assert_eq!(empty.index["manifests"], json!([]));
     assert_eq!(empty.index["schemaVersion"], 2);
+    let unknown_hex = &unknown["sha256:".len()..];
+    let stored_for_unknown = walk_files(kura.cache_dir())
+        .iter()
+        .any(|path| path.ends_with(unknown_hex));
+    assert!(
+        !stored_for_unknown,
+        "an unknown subject's empty list was stored"
+    );
     let invalid = list(&format!("{base}/referrers/sha256:totallywrong")).await;
     assert_eq!(invalid.status, StatusCode::BAD_REQUEST);
     assert_eq!(invalid.index["errors"][0]["code"], "DIGEST_INVALID");
@@ -230,10 +238,12 @@ async fn signatures_and_sboms_through_kura(mut upstream: Upstream) {
         check_lists(url, &attached, true).await;
     }
     pull_artifacts(&base, &attached).await;
-    let empty = list(&format!("{base}/referrers/{unknown}")).await;
-    assert_eq!(empty.status, StatusCode::OK);
-    assert!(empty.warning.is_some());
-    assert_eq!(empty.index["manifests"], json!([]));
+    // An empty list of a subject nobody pulled is not stored (any client
+    // can name endless made-up subjects): with the upstream gone, Kura
+    // cannot know, and says so.
+    let unknown_now = list(&format!("{base}/referrers/{unknown}")).await;
+    assert_eq!(unknown_now.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(unknown_now.index["errors"][0]["code"], "UNAVAILABLE");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -386,4 +396,21 @@ async fn pages_of_a_referrers_api_are_merged_bounded_and_kept_on_its_origin() {
         1,
         "the other origin is never dialled"
     );
+}
+
+/// Every file under `dir`, recursively.
+fn walk_files(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
 }

@@ -76,6 +76,9 @@ fn index_bytes(manifests: &[&Value]) -> Vec<u8> {
 /// only ones Kura can serve), each once.
 fn referrers_of(descriptors: Vec<Value>) -> Vec<Referrer> {
     let mut referrers: Vec<Referrer> = Vec::with_capacity(descriptors.len());
+    // A set, not a scan of the list: an upstream's list may hold tens of
+    // thousands of descriptors, and this runs on every request.
+    let mut seen = std::collections::HashSet::with_capacity(descriptors.len());
     for descriptor in descriptors {
         let Some(digest) = descriptor
             .get("digest")
@@ -84,7 +87,7 @@ fn referrers_of(descriptors: Vec<Value>) -> Vec<Referrer> {
         else {
             continue;
         };
-        if referrers.iter().any(|r| r.digest == digest) {
+        if !seen.insert(digest.clone()) {
             continue;
         }
         let artifact_type = descriptor
@@ -220,7 +223,12 @@ impl Cache {
                 "upstream registry's referrers list is too large to cache",
             ));
         }
-        if confirmed && let Err(e) = self.storage.set_referrers(name, subject, &index).await {
+        // An empty list is stored only for a subject this repository has:
+        // any client can name made-up repositories and digests, and each
+        // stored answer would be a file nobody bounds.
+        let worth_storing =
+            confirmed && (!referrers.is_empty() || self.has_manifest(name, subject).await);
+        if worth_storing && let Err(e) = self.storage.set_referrers(name, subject, &index).await {
             bookkeeping_failed("referrers list", name, e);
         }
         Ok(Referrers {
@@ -228,6 +236,14 @@ impl Cache {
             stale: !confirmed,
             cache_hit: false,
         })
+    }
+
+    /// Whether `name` has the manifest `digest` cached.
+    async fn has_manifest(&self, name: &RepoName, digest: &Digest) -> bool {
+        matches!(
+            self.storage.manifest_media_type(name, digest).await,
+            Ok(Some(_))
+        )
     }
 
     /// The descriptors of the `sha256-<hex>` tag's index, and whether the

@@ -21,6 +21,8 @@ use crate::singleflight::Flights;
 
 /// Distribution's documented default when a token response has no `expires_in`.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// The longest a token is kept, whatever the service says.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Renew this long before expiry so a token never dies in flight.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 /// Tokens kept at most (one per repository scope): a client naming
@@ -243,10 +245,13 @@ impl TokenService {
             .or(body.access_token)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| UpstreamError::Unusable("token response has no token".into()))?;
+        // The service chooses `expires_in`; a day bounds it (and keeps
+        // the expiry time representable).
         let lifetime = body
             .expires_in
             .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+            .min(MAX_TOKEN_LIFETIME);
         let header = sensitive(format!("Bearer {token}"));
         self.cache.lock().expect("auth lock").insert(
             scope,
