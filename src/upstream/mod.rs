@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod courtesy;
+mod link;
 mod ratelimit;
 pub mod referrers;
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use reqwest::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, LINK, RETRY_AFTER,
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER,
 };
 use reqwest::{Method, Response, StatusCode, Url};
 
@@ -467,20 +468,12 @@ pub struct TagPage {
 /// configured upstream, at the same path, whatever host the link names.
 fn next_page_query(headers: &HeaderMap) -> Option<String> {
     let base = Url::parse("http://upstream.invalid/").ok()?;
-    headers
-        .get_all(LINK)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .find_map(|link| {
-            let (target, params) = link.trim().strip_prefix('<')?.split_once('>')?;
-            let is_next = params.split(';').any(|param| {
-                let param = param.replace(' ', "");
-                param.eq_ignore_ascii_case("rel=\"next\"") || param.eq_ignore_ascii_case("rel=next")
-            });
-            let query = base.join(target).ok()?.query()?.to_owned();
-            (is_next && !query.is_empty()).then_some(query)
-        })
+    let query = base
+        .join(&link::next_target(headers)?)
+        .ok()?
+        .query()?
+        .to_owned();
+    (!query.is_empty()).then_some(query)
 }
 
 /// A whole body of at most `limit` bytes, refused as soon as it is known
@@ -541,7 +534,7 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderValue;
+    use reqwest::header::{HeaderValue, LINK};
 
     fn next_of(links: &[&str]) -> Option<String> {
         let mut headers = HeaderMap::new();

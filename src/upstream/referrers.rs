@@ -3,7 +3,7 @@
 //! bounds. A registry without the API answers 404 (Distribution) or 405;
 //! the cache then reads the referrers tag schema instead.
 
-use reqwest::header::{HeaderMap, LINK};
+use reqwest::header::HeaderMap;
 use reqwest::{Method, Url};
 
 use super::courtesy::SlotKind;
@@ -98,16 +98,11 @@ fn page_descriptors(body: &[u8]) -> Result<Vec<serde_json::Value>, UpstreamError
 /// with. Only on the upstream's own origin: Kura dials no host a response
 /// names, except redirects and token realms.
 fn next_page(headers: &HeaderMap, page: &Url, base: &Url) -> Result<Option<Url>, UpstreamError> {
-    let Some(target) = headers
-        .get_all(LINK)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .find_map(next_link_target)
-    else {
+    let Some(target) = super::link::next_target(headers) else {
         return Ok(None);
     };
     let next = page
-        .join(target)
+        .join(&target)
         .map_err(|e| UpstreamError::Unusable(format!("unreadable referrers page link: {e}")))?;
     if next.origin() != base.origin() {
         return Err(UpstreamError::Unusable(
@@ -117,62 +112,10 @@ fn next_page(headers: &HeaderMap, page: &Url, base: &Url) -> Result<Option<Url>,
     Ok(Some(next))
 }
 
-/// The target of the `rel="next"` link in one `Link` header value
-/// (RFC 8288: `<target>; param; param, <target>; ...`).
-fn next_link_target(header: &str) -> Option<&str> {
-    let mut rest = header;
-    loop {
-        let open = rest.find('<')?;
-        let close = open + rest[open..].find('>')?;
-        let target = &rest[open + 1..close];
-        rest = &rest[close + 1..];
-        let params_end = rest.find('<').unwrap_or(rest.len());
-        if rest[..params_end].split(';').any(is_rel_next) {
-            return Some(target);
-        }
-        rest = &rest[params_end..];
-    }
-}
-
-/// `rel=next`, `rel="next"`, or `next` among several relation types.
-fn is_rel_next(param: &str) -> bool {
-    let Some((key, value)) = param.split_once('=') else {
-        return false;
-    };
-    key.trim().eq_ignore_ascii_case("rel")
-        && value
-            .trim()
-            .trim_end_matches(',')
-            .trim_matches('"')
-            .split_ascii_whitespace()
-            .any(|relation| relation.eq_ignore_ascii_case("next"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_the_next_link_among_others() {
-        let subject = "/v2/a/referrers/sha256:00?last=b&n=2";
-        assert_eq!(
-            next_link_target(&format!("<{subject}>; rel=\"next\"")),
-            Some(subject)
-        );
-        assert_eq!(
-            next_link_target("<http://x/y>; rel=next"),
-            Some("http://x/y")
-        );
-        assert_eq!(
-            next_link_target(
-                "</first>; rel=\"prev\", </second,odd>; type=\"x\"; rel=\"last next\""
-            ),
-            Some("/second,odd")
-        );
-        assert_eq!(next_link_target("</only>; rel=\"prev\""), None);
-        assert_eq!(next_link_target("garbage"), None);
-        assert_eq!(next_link_target(""), None);
-    }
+    use reqwest::header::LINK;
 
     #[test]
     fn next_pages_stay_on_the_upstreams_origin() {
