@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::time::SystemTime;
 
+use super::objects::ObjectMeta;
 use super::{Storage, catalog};
 use crate::cache::tags::Page;
 use crate::reference::{Digest, RepoName, Tag};
@@ -196,18 +197,28 @@ impl Storage {
 
     /// Every cached referrers list in every namespace.
     pub async fn list_referrers(&self) -> io::Result<Vec<ReferrersLink>> {
+        let entries = self.index_entries(REFERRERS).await?;
+        Ok(entries
+            .into_iter()
+            .map(|(repository, subject, meta)| ReferrersLink {
+                repository,
+                subject,
+                confirmed_at: meta.modified,
+            })
+            .collect())
+    }
+
+    /// Every index key `repositories/<repository><marker><hex>`, in every
+    /// namespace: the repository, the digest, and the key's metadata.
+    async fn index_entries(&self, marker: &str) -> io::Result<Vec<(String, Digest, ObjectMeta)>> {
         let keys = self.objects.list(REPOSITORIES_PREFIX).await?;
         Ok(keys
             .into_iter()
             .filter_map(|(key, meta)| {
-                let (repository, hex) = key
-                    .strip_prefix(REPOSITORIES_PREFIX)?
-                    .split_once(REFERRERS)?;
-                Some(ReferrersLink {
-                    repository: repository.to_owned(),
-                    subject: Digest::parse(&format!("sha256:{hex}")).ok()?,
-                    confirmed_at: meta.modified,
-                })
+                let (repository, hex) =
+                    key.strip_prefix(REPOSITORIES_PREFIX)?.split_once(marker)?;
+                let digest = Digest::parse(&format!("sha256:{hex}")).ok()?;
+                Some((repository.to_owned(), digest, meta))
             })
             .collect())
     }
@@ -251,18 +262,10 @@ impl Storage {
 
     /// Every manifest link in every namespace.
     pub async fn list_manifest_links(&self) -> io::Result<Vec<ManifestLink>> {
-        let keys = self.objects.list(REPOSITORIES_PREFIX).await?;
-        Ok(keys
+        let entries = self.index_entries(REVISIONS).await?;
+        Ok(entries
             .into_iter()
-            .filter_map(|(key, _)| {
-                let (repository, hex) = key
-                    .strip_prefix(REPOSITORIES_PREFIX)?
-                    .split_once(REVISIONS)?;
-                Some(ManifestLink {
-                    repository: repository.to_owned(),
-                    digest: Digest::parse(&format!("sha256:{hex}")).ok()?,
-                })
-            })
+            .map(|(repository, digest, _)| ManifestLink { repository, digest })
             .collect())
     }
 
