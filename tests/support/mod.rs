@@ -11,6 +11,7 @@
 pub mod artifacts;
 pub mod clients;
 pub mod forwarder;
+pub mod hits;
 pub mod images;
 pub mod kura;
 pub mod net;

@@ -11,15 +11,14 @@
 //!
 //! Every request is counted by method, path and query.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::hits::Hits;
 use super::images::{OCI_INDEX, OCI_MANIFEST, sha256_digest};
 use super::server::BackgroundServer;
 
@@ -31,7 +30,7 @@ pub const SBOM_TYPE: &str = "application/spdx+json";
 #[derive(Clone)]
 struct Shared {
     port: u16,
-    hits: Arc<Mutex<HashMap<String, usize>>>,
+    hits: Hits,
 }
 
 pub struct ReferrersApi {
@@ -41,8 +40,8 @@ pub struct ReferrersApi {
 
 impl ReferrersApi {
     pub fn start() -> Self {
-        let hits = Arc::default();
-        let shared_hits = Arc::clone(&hits);
+        let hits = Hits::default();
+        let shared_hits = hits.clone();
         let server = BackgroundServer::spawn("referrers-api", move |listener| async move {
             let port = listener.local_addr().expect("local_addr").port();
             let app = axum::Router::new().fallback(answer).with_state(Shared {
@@ -85,26 +84,12 @@ impl ReferrersApi {
 
     /// Requests seen for `method path[?query]` (e.g. `GET /v2/a/referrers/sha256:..?page=2`).
     pub fn hits(&self, method: &str, path_and_query: &str) -> usize {
-        let key = format!("{method} {path_and_query}");
-        self.shared
-            .hits
-            .lock()
-            .unwrap()
-            .get(&key)
-            .copied()
-            .unwrap_or(0)
+        self.shared.hits.of(method, path_and_query)
     }
 
     /// Every request seen whose path contains `substring`.
     pub fn hits_containing(&self, substring: &str) -> usize {
-        self.shared
-            .hits
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(key, _)| key.contains(substring))
-            .map(|(_, count)| count)
-            .sum()
+        self.shared.hits.containing(substring)
     }
 }
 
@@ -125,11 +110,11 @@ fn referrer(i: usize) -> Value {
 
 async fn answer(State(shared): State<Shared>, request: Request) -> Response {
     let uri = request.uri().clone();
-    let key = match uri.query() {
-        Some(query) => format!("{} {}?{query}", request.method(), uri.path()),
-        None => format!("{} {}", request.method(), uri.path()),
+    let target = match uri.query() {
+        Some(query) => format!("{}?{query}", uri.path()),
+        None => uri.path().to_owned(),
     };
-    *shared.hits.lock().unwrap().entry(key).or_default() += 1;
+    shared.hits.record(request.method().as_str(), &target);
     let path = uri.path();
     if path == "/v2/" {
         return axum::Json(json!({})).into_response();

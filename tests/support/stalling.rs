@@ -21,10 +21,9 @@
 //!
 //! Every request is counted by method and path.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -33,6 +32,7 @@ use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::hits::Hits;
 use super::images::sha256_digest;
 use super::server::BackgroundServer;
 
@@ -94,7 +94,7 @@ impl StubImage {
 #[derive(Clone)]
 struct Shared {
     image: StubImage,
-    hits: Arc<Mutex<HashMap<String, usize>>>,
+    hits: Hits,
     /// Manifest GETs of `limited/...` so far: what Hub would count.
     counted_pulls: Arc<AtomicU32>,
 }
@@ -108,7 +108,7 @@ impl StallingUpstream {
     pub fn start() -> Self {
         let shared = Shared {
             image: StubImage::new(),
-            hits: Arc::default(),
+            hits: Hits::default(),
             counted_pulls: Arc::default(),
         };
         let app = axum::Router::new()
@@ -134,14 +134,7 @@ impl StallingUpstream {
 
     /// Requests seen for `method path` (e.g. `GET /v2/slow/a/manifests/1`).
     pub fn hits(&self, method: &str, path: &str) -> usize {
-        let key = format!("{method} {path}");
-        self.shared
-            .hits
-            .lock()
-            .unwrap()
-            .get(&key)
-            .copied()
-            .unwrap_or(0)
+        self.shared.hits.of(method, path)
     }
 }
 
@@ -155,12 +148,7 @@ async fn answer(State(shared): State<Shared>, request: Request) -> Response {
         .unwrap_or("")
         .to_owned();
     let method = request.method().clone();
-    *shared
-        .hits
-        .lock()
-        .unwrap()
-        .entry(format!("{method} {path}"))
-        .or_default() += 1;
+    shared.hits.record(method.as_str(), &path);
     let Some(rest) = path.strip_prefix("/v2/") else {
         return StatusCode::NOT_FOUND.into_response();
     };
