@@ -13,7 +13,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::download::{Download, Progress};
 use super::follower;
-use super::{Cache, storage_error, upstream_error};
+use super::{Cache, fetch_overran, storage_error, upstream_error};
 use crate::api::error::{ApiError, ErrorCode};
 use crate::reference::{Digest, RepoName};
 use crate::storage::blobs::ServedBlob;
@@ -84,7 +84,7 @@ impl Cache {
                     .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))
             })
             .await
-            .unwrap_or_else(|| Err(super::manifests::fetch_overran()))?;
+            .unwrap_or_else(|| Err(fetch_overran()))?;
         Ok(BlobStat {
             size,
             cache_hit: false,

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use super::{Cache, storage_error, upstream_error};
+use super::{Cache, bookkeeping_failed, fetch_overran, storage_error, upstream_error};
 use crate::api::error::{ApiError, ErrorCode};
 use crate::reference::{Digest, MAX_MANIFEST_BYTES, Reference, RepoName, Tag};
 use crate::storage::index::TagLink;
@@ -257,12 +257,6 @@ impl Cache {
     }
 }
 
-/// A write that only records what the cache holds failed (disk full, I/O
-/// error): the request it belongs to is still answered.
-pub(super) fn bookkeeping_failed(what: &str, name: &RepoName, err: impl std::fmt::Display) {
-    tracing::warn!(%name, error = %err, "cannot store {what}; served anyway");
-}
-
 /// The `mediaType` field inside the manifest JSON, if present.
 fn embedded_media_type(bytes: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
@@ -271,15 +265,6 @@ fn embedded_media_type(bytes: &[u8]) -> Option<String> {
         media_type: Option<String>,
     }
     serde_json::from_slice::<Probe>(bytes).ok()?.media_type
-}
-
-/// A shared upstream fetch that ran past its deadline (see
-/// [`crate::upstream::Upstream::fetch_deadline`]).
-pub(super) fn fetch_overran() -> ApiError {
-    ApiError::new(
-        ErrorCode::Unavailable,
-        "upstream registry too slow and content not cached",
-    )
 }
 
 fn bad_upstream_digest(name: &RepoName, reference: &str) -> ApiError {

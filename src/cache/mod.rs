@@ -142,6 +142,21 @@ fn upstream_error(err: &UpstreamError, not_found: ErrorCode) -> ApiError {
     }
 }
 
+/// A shared upstream fetch that ran past its deadline (see
+/// [`crate::upstream::Upstream::fetch_deadline`]).
+fn fetch_overran() -> ApiError {
+    ApiError::new(
+        ErrorCode::Unavailable,
+        "upstream registry too slow and content not cached",
+    )
+}
+
+/// A write that only records what the cache holds failed (disk full, I/O
+/// error): the request it belongs to is still answered.
+fn bookkeeping_failed(what: &str, name: &RepoName, err: impl std::fmt::Display) {
+    tracing::warn!(%name, error = %err, "cannot store {what}; served anyway");
+}
+
 fn storage_error(err: impl std::fmt::Display) -> ApiError {
     ApiError::internal(format!("storage: {err}"))
 }

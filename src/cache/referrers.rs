@@ -19,8 +19,7 @@ use std::time::SystemTime;
 
 use serde_json::{Value, json};
 
-use super::manifests::{bookkeeping_failed, fetch_overran};
-use super::{Cache, storage_error, upstream_error};
+use super::{Cache, bookkeeping_failed, fetch_overran, storage_error, upstream_error};
 use crate::api::error::{ApiError, ErrorCode};
 use crate::reference::{Digest, MAX_MANIFEST_BYTES, Reference, RepoName, Tag};
 use crate::upstream::referrers::MAX_REFERRERS_BYTES;
