@@ -9,12 +9,14 @@
 //! - [`storage`]: on-disk layout: content-addressed blobs, staging, tag index.
 //! - [`reference`]: validation of names, tags and digests.
 //! - [`singleflight`]: one shared fetch (a task with a deadline) per key, for cache and upstream alike.
+//! - [`glob`]: repository and tag globs of access rules and content policy.
 pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod gc;
+pub mod glob;
 pub mod logging;
 pub mod metrics;
 pub mod reference;
