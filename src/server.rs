@@ -12,6 +12,7 @@ use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 
 use crate::api::access::Htpasswd;
 use crate::api::{ApiOptions, ops_router, router};
+use crate::auth::token::TokenAuth;
 use crate::cache::{Admission, Cache};
 use crate::config::{Config, ConnectionLimits, UpstreamConfig};
 use crate::connections::{PeerAddr, idle_guard, limited_server, listen};
@@ -53,12 +54,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("auth.htpasswd.path: cannot read {}", auth.path.display()))
         })
         .transpose()?;
+    let token = config
+        .token
+        .as_ref()
+        .map(|auth| TokenAuth::load(auth).map(Arc::new).context("auth.token"))
+        .transpose()?;
     let app = router(
         registries.clone(),
         storage.clone(),
         ApiOptions {
             access_log: config.log.access_log,
             htpasswd,
+            token,
         },
     );
     let handle = Handle::new();

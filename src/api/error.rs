@@ -95,8 +95,16 @@ impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        self.into_response_with_detail(serde_json::Value::Null)
+    }
+}
+
+impl ApiError {
+    /// The response with a `detail`, such as the access records
+    /// Distribution lists in a token challenge's 401.
+    pub fn into_response_with_detail(self, detail: serde_json::Value) -> Response {
         let body = json!({
-            "errors": [{ "code": self.code.as_str(), "message": self.message, "detail": null }]
+            "errors": [{ "code": self.code.as_str(), "message": self.message, "detail": detail }]
         });
         let mut response = (self.code.status(), axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after {

@@ -26,6 +26,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use crate::auth::token::{HostSeen, Scope, TokenAuth};
 use crate::metrics::{RequestLabels, RouteLabels, metrics};
 use crate::reference::{Digest, DigestError, Reference, RepoName};
 use crate::routing::Registries;
@@ -61,12 +62,15 @@ pub struct ApiOptions {
     pub access_log: bool,
     /// Basic authentication required on `/v2/` when set.
     pub htpasswd: Option<Arc<Htpasswd>>,
+    /// Bearer tokens of `auth.token` required on `/v2/` when set.
+    pub token: Option<Arc<TokenAuth>>,
 }
 
 /// The registry API plus `/metrics`, `/healthz` and `/readyz`.
 pub fn router(registries: Arc<Registries>, storage: Storage, options: ApiOptions) -> Router {
     let access_log = options.access_log;
     let htpasswd = options.htpasswd;
+    let token = options.token;
     ops_routes()
         .fallback(dispatch)
         .with_state(AppState {
@@ -75,6 +79,9 @@ pub fn router(registries: Arc<Registries>, storage: Storage, options: ApiOptions
         })
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             require_credentials(htpasswd.clone(), request, next)
+        }))
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            require_token(token.clone(), request, next)
         }))
         .layer(middleware::from_fn(add_api_version))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
@@ -315,6 +322,72 @@ async fn require_credentials(
             .insert(header::WWW_AUTHENTICATE, value);
     }
     response
+}
+
+/// With `auth.token`, the registry API needs a Bearer token that grants what
+/// the route needs ([`required_scope`]); rejections answer as Distribution
+/// does: 401 `UNAUTHORIZED` with a Bearer challenge naming the scope, and
+/// `error="invalid_token"` or `"insufficient_scope"` when a token was sent.
+/// The grant travels on in the request's extensions.
+async fn require_token(
+    token: Option<Arc<TokenAuth>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(token) = token else {
+        return next.run(request).await;
+    };
+    if !request.uri().path().starts_with("/v2") {
+        return next.run(request).await;
+    }
+    let needed = required_scope(request.uri().path());
+    let authorization = request.headers().get(header::AUTHORIZATION);
+    let rejection = match token.authorize(authorization.map(HeaderValue::as_bytes), needed.as_ref())
+    {
+        Ok(grant) => {
+            request.extensions_mut().insert(grant);
+            return next.run(request).await;
+        }
+        Err(rejection) => rejection,
+    };
+    let host = HostSeen {
+        host: request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri().authority().map(|a| a.as_str())),
+        forwarded_proto: request
+            .headers()
+            .get("x-forwarded-proto")
+            .and_then(|h| h.to_str().ok()),
+    };
+    let challenge = token.challenge(needed.as_ref(), rejection, host);
+    let detail = needed
+        .as_ref()
+        .map_or(serde_json::Value::Null, Scope::detail);
+    let mut response = ApiError::new(ErrorCode::Unauthorized, "authentication required")
+        .into_response_with_detail(detail);
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
+    }
+    response
+}
+
+/// What a token must grant for a path, as Distribution asks: pull on the
+/// repository (named as the client sent it) for its content, tags and
+/// referrers; `registry:catalog:*` for the catalog; any valid token for
+/// the rest.
+fn required_scope(path: &str) -> Option<Scope> {
+    match route::parse(path)? {
+        Route::Catalog => Some(Scope::catalog()),
+        Route::Tags { name }
+        | Route::Manifest { name, .. }
+        | Route::Blob { name, .. }
+        | Route::Referrers { name, .. } => Some(Scope::pull(name)),
+        Route::Base | Route::Upload => None,
+    }
 }
 
 /// Builds a response with the headers of a manifest or blob and an

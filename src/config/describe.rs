@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
-use super::{Config, S3Config, S3Encryption, UpstreamConfig};
+use super::{Config, S3Config, S3Encryption, TokenConfig, UpstreamConfig};
 
 const MASK: &str = "***";
 
@@ -79,6 +79,12 @@ impl Config {
                 Value::Mapping(map([("htpasswd", Value::Mapping(auth))])),
             );
         }
+        if let Some(token) = &self.token {
+            root.insert(
+                "auth".into(),
+                Value::Mapping(map([("token", Value::Mapping(token_map(token)))])),
+            );
+        }
         let log = map([
             ("level", string(&self.log.level)),
             (
@@ -122,6 +128,40 @@ fn s3_map(s3: &S3Config) -> Mapping {
         entry.insert("keyid".into(), string(key_id));
     }
     entry
+}
+
+fn token_map(token: &TokenConfig) -> Mapping {
+    let mut entries = map([
+        ("realm", string(&token.realm)),
+        ("service", string(&token.service)),
+        ("issuer", string(&token.issuer)),
+        (
+            "autoredirect",
+            Value::Bool(token.auto_redirect_path.is_some()),
+        ),
+    ]);
+    let optional = [
+        (
+            "rootcertbundle",
+            token.root_cert_bundle.as_ref().map(|p| string(p.display())),
+        ),
+        ("jwks", token.jwks.as_ref().map(|p| string(p.display()))),
+        (
+            "autoredirectpath",
+            token.auto_redirect_path.as_ref().map(string),
+        ),
+        ("groupsclaim", token.groups_claim.as_ref().map(string)),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            entries.insert(key.into(), value);
+        }
+    }
+    if !token.signing_algorithms.is_empty() {
+        let algorithms = token.signing_algorithms.iter().map(string).collect();
+        entries.insert("signingalgorithms".into(), Value::Sequence(algorithms));
+    }
+    entries
 }
 
 fn upstream_map(upstream: &UpstreamConfig) -> Mapping {

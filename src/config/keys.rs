@@ -128,6 +128,23 @@ impl<'a> KeyReader<'a> {
         }
     }
 
+    /// A list of single values; absent is empty.
+    pub fn string_list(&mut self, key: &str) -> Result<Vec<String>, ConfigError> {
+        self.read.insert(key.to_owned());
+        let items = match self.lookup(key) {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Sequence(items)) => items,
+            Some(_) => return Err(self.invalid(key, "expected a list")),
+        };
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(self.invalid(key, "expected a list of strings")),
+            })
+            .collect()
+    }
+
     pub fn bool(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
         match self.string(key)?.as_deref() {
             None => Ok(None),

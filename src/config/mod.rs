@@ -52,6 +52,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// `auth.htpasswd`: Basic authentication of clients; `None` = anonymous.
     pub htpasswd: Option<HtpasswdConfig>,
+    /// `auth.token`: Bearer tokens from an external token service.
+    pub token: Option<TokenConfig>,
     /// Paths of configured keys that Kura accepts but does not implement.
     pub ignored_keys: Vec<String>,
 }
@@ -155,14 +157,34 @@ pub struct HtpasswdConfig {
     pub path: PathBuf,
 }
 
+/// Distribution's `auth.token`: clients bring a JWT from the token service
+/// at `realm`, signed by a key of `rootcertbundle` or `jwks`.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    pub realm: String,
+    /// The `service` of the challenge, and the audience tokens must name.
+    pub service: String,
+    /// The `iss` tokens must carry.
+    pub issuer: String,
+    /// PEM certificates whose keys may sign tokens (directly, or as roots
+    /// of the token's `x5c` chain).
+    pub root_cert_bundle: Option<PathBuf>,
+    /// A JWKS file whose keys, by `kid`, may sign tokens (Distribution 3).
+    pub jwks: Option<PathBuf>,
+    /// `autoredirect` with `autoredirectpath`: the challenge's realm is this
+    /// path on the host the client asked for.
+    pub auto_redirect_path: Option<String>,
+    /// `signingalgorithms`: the JWS algorithms accepted; empty = every
+    /// asymmetric one Kura supports.
+    pub signing_algorithms: Vec<String>,
+    /// Kura's `groupsclaim`: a token claim listing the subject's groups.
+    pub groups_claim: Option<String>,
+}
+
 /// Security-relevant Distribution keys Kura does not implement: ignoring
 /// them would silently weaken what the operator configured.
-const REFUSED_SECURITY_KEYS: &[&str] = &[
-    "auth.token",
-    "auth.silly",
-    "http.tls.clientcas",
-    "http.tls.letsencrypt",
-];
+const REFUSED_SECURITY_KEYS: &[&str] =
+    &["auth.silly", "http.tls.clientcas", "http.tls.letsencrypt"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
@@ -253,7 +275,7 @@ impl Config {
             if keys.exists(key) {
                 return Err(invalid(
                     key,
-                    "not supported by Kura; remove it or use auth.htpasswd / http.tls",
+                    "not supported by Kura; remove it or use auth.htpasswd, auth.token or http.tls",
                 ));
             }
         }
@@ -307,6 +329,7 @@ impl Config {
                     .unwrap_or(Duration::from_secs(30)),
             },
             htpasswd: read_htpasswd(keys)?,
+            token: read_token(keys)?,
             ignored_keys: ignored_in_list,
         })
     }
@@ -493,6 +516,53 @@ fn read_htpasswd(keys: &mut KeyReader) -> Result<Option<HtpasswdConfig>, ConfigE
         )),
         (None, None) => Ok(None),
     }
+}
+
+/// Distribution's default path for `autoredirect` without `autoredirectpath`.
+const DEFAULT_AUTO_REDIRECT_PATH: &str = "/auth/token";
+
+fn read_token(keys: &mut KeyReader) -> Result<Option<TokenConfig>, ConfigError> {
+    if !keys.exists("auth.token") {
+        return Ok(None);
+    }
+    if keys.exists("auth.htpasswd") {
+        return Err(invalid(
+            "auth",
+            "configure one of auth.htpasswd and auth.token, as Distribution accepts one",
+        ));
+    }
+    let mut required = |key: &str| {
+        keys.string(key)?
+            .filter(|value| !value.is_empty())
+            .ok_or_else(|| invalid(key, "required with auth.token"))
+    };
+    let realm = required("auth.token.realm")?;
+    let service = required("auth.token.service")?;
+    let issuer = required("auth.token.issuer")?;
+    let root_cert_bundle = keys.string("auth.token.rootcertbundle")?.map(PathBuf::from);
+    let jwks = keys.string("auth.token.jwks")?.map(PathBuf::from);
+    if root_cert_bundle.is_none() && jwks.is_none() {
+        return Err(invalid(
+            "auth.token.rootcertbundle",
+            "auth.token needs rootcertbundle or jwks: the keys that sign tokens",
+        ));
+    }
+    let auto_redirect = keys.bool("auth.token.autoredirect")?.unwrap_or(false);
+    let redirect_path = keys.string("auth.token.autoredirectpath")?;
+    Ok(Some(TokenConfig {
+        realm,
+        service,
+        issuer,
+        root_cert_bundle,
+        jwks,
+        auto_redirect_path: auto_redirect.then(|| {
+            redirect_path
+                .filter(|path| !path.is_empty())
+                .unwrap_or_else(|| DEFAULT_AUTO_REDIRECT_PATH.to_owned())
+        }),
+        signing_algorithms: keys.string_list("auth.token.signingalgorithms")?,
+        groups_claim: keys.string("auth.token.groupsclaim")?,
+    }))
 }
 
 fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
@@ -717,7 +787,20 @@ mod tests {
             ),
             ("storage:\n  s3:\n    region: x\n", "storage.s3.bucket"),
             ("storage:\n  azure:\n    accountname: a\n", "storage.azure"),
-            ("auth:\n  token:\n    realm: x\n", "auth.token"),
+            ("auth:\n  token:\n    realm: x\n", "auth.token.service"),
+            (
+                "auth:\n  token:\n    realm: r\n    service: s\n    issuer: i\n",
+                "auth.token.rootcertbundle",
+            ),
+            (
+                "auth:\n  token:\n    realm: r\n    service: s\n    issuer: i\n    jwks: /j\n    \
+                 autoredirect: sometimes\n",
+                "auth.token.autoredirect",
+            ),
+            (
+                "auth:\n  htpasswd:\n    path: /h\n  token:\n    realm: r\n",
+                "auth",
+            ),
             ("http:\n  tls:\n    certificate: /c.pem\n", "http.tls.key"),
             ("http:\n  draintimeout: soon\n", "http.draintimeout"),
             (
@@ -744,6 +827,40 @@ mod tests {
             let err = load_yaml(yaml, &[]).unwrap_err().to_string();
             assert!(err.contains(key), "{yaml}: {err}");
         }
+    }
+
+    /// The `auth:` section of a Distribution that delegates to a token
+    /// service (docker_auth, GitLab, Harbor) loads as it is.
+    #[test]
+    fn distribution_token_auth_config_loads() {
+        let config = load_yaml(
+            "version: 0.1\nauth:\n  token:\n    realm: https://auth.example.com/token\n    \
+             service: registry.example.com\n    issuer: auth.example.com\n    \
+             rootcertbundle: /certs/bundle.pem\n    autoredirect: false\n",
+            &[],
+        )
+        .unwrap();
+        let token = config.token.unwrap();
+        assert_eq!(token.realm, "https://auth.example.com/token");
+        assert_eq!(token.service, "registry.example.com");
+        assert_eq!(token.issuer, "auth.example.com");
+        assert_eq!(
+            token.root_cert_bundle,
+            Some(PathBuf::from("/certs/bundle.pem"))
+        );
+        assert_eq!(token.auto_redirect_path, None);
+        assert_eq!(config.ignored_keys, vec!["version"]);
+
+        let config = load_yaml(
+            "auth:\n  token:\n    realm: r\n    service: s\n    issuer: i\n    jwks: /j.json\n    \
+             autoredirect: true\n    signingalgorithms: [RS256, ES256]\n",
+            &[],
+        )
+        .unwrap();
+        let token = config.token.unwrap();
+        assert_eq!(token.jwks, Some(PathBuf::from("/j.json")));
+        assert_eq!(token.auto_redirect_path.as_deref(), Some("/auth/token"));
+        assert_eq!(token.signing_algorithms, ["RS256", "ES256"]);
     }
 
     #[test]

@@ -1,0 +1,902 @@
+//! Distribution-compatible token authentication (`auth.token`): clients
+//! fetch a JWT from an external token service (docker_auth, GitLab, Harbor,
+//! ...) and bring it as `Authorization: Bearer`.
+//!
+//! A token is accepted as Distribution accepts it: signed (ES256/384, RS*,
+//! PS*, EdDSA; never `none` or HMAC) by a key Kura trusts, found the way
+//! Distribution finds it: an `x5c` chain in the header that ends in a
+//! certificate of `rootcertbundle`; a `jwk` header naming a trusted key; or
+//! a `kid` naming one (the libtrust fingerprint Distribution 2 uses or the
+//! RFC 7638 thumbprint Distribution 3 uses for bundle keys, the `kid` of a
+//! `jwks` key). Its `iss` must be `issuer`, its `aud` name `service`, and
+//! `exp`/`nbf` hold with [`LEEWAY`] either way. What it grants is its
+//! `access` claim; the caller decides what a request needs ([`Scope`]).
+//!
+//! Verified tokens are remembered (bounded, least recently used out, never
+//! past their expiry) so the signature is checked once per token, not once
+//! per blob request. The key files are re-read when they change.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+    OID_SIG_ED25519,
+};
+use x509_parser::pem::Pem;
+use x509_parser::prelude::FromDer;
+use x509_parser::public_key::PublicKey;
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+use crate::config::TokenConfig;
+
+/// Clock skew tolerated on `exp` and `nbf`, as Distribution's `Leeway`.
+pub const LEEWAY: Duration = Duration::from_secs(60);
+/// Verified tokens remembered at once; the least recently used goes first.
+pub const MAX_CACHED_TOKENS: usize = 1024;
+/// Longer bearer values are refused unread: real tokens are a few KiB, and
+/// this bounds the work one request can ask for.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Certificates in an `x5c` chain, leaf included.
+const MAX_CHAIN_LENGTH: usize = 8;
+/// Groups taken from the groups claim; the rest are dropped.
+const MAX_GROUPS: usize = 256;
+/// How often the key files' modification times are looked at.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The asymmetric JWS algorithms Kura verifies. HMAC is refused: a public
+/// certificate must never double as a shared secret.
+const SUPPORTED_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::EdDSA,
+];
+
+/// What a request needs, in Distribution's terms: `repository:<name>:pull`
+/// or `registry:catalog:*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub kind: &'static str,
+    pub name: String,
+    pub action: &'static str,
+}
+
+impl Scope {
+    /// Pulling from `name`, as the client spelt it (upstream prefix included).
+    pub fn pull(name: &str) -> Self {
+        Self {
+            kind: "repository",
+            name: name.to_owned(),
+            action: "pull",
+        }
+    }
+
+    /// Listing `/v2/_catalog`.
+    pub fn catalog() -> Self {
+        Self {
+            kind: "registry",
+            name: "catalog".to_owned(),
+            action: "*",
+        }
+    }
+
+    /// The challenge's `scope` parameter.
+    pub fn param(&self) -> String {
+        format!("{}:{}:{}", self.kind, self.name, self.action)
+    }
+
+    /// Distribution's `detail` of its 401 body: the access records asked for.
+    pub fn detail(&self) -> serde_json::Value {
+        serde_json::json!([{
+            "Type": self.kind,
+            "Class": "",
+            "Name": self.name,
+            "Action": self.action,
+        }])
+    }
+}
+
+/// One entry of a token's `access` claim.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ResourceActions {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub actions: Vec<String>,
+}
+
+impl ResourceActions {
+    /// `*` grants every action, as in Distribution's `actionSet`.
+    fn grants(&self, scope: &Scope) -> bool {
+        self.kind == scope.kind
+            && self.name == scope.name
+            && self
+                .actions
+                .iter()
+                .any(|action| action == "*" || action == scope.action)
+    }
+}
+
+/// Who a verified token speaks for and what it grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The `sub` claim (empty for an anonymous token).
+    pub subject: String,
+    /// From the claim named by `auth.token.groupsclaim`, if any.
+    pub groups: Vec<String>,
+    /// The `access` claim.
+    pub access: Vec<ResourceActions>,
+}
+
+impl Grant {
+    pub fn allows(&self, scope: &Scope) -> bool {
+        self.access.iter().any(|entry| entry.grants(scope))
+    }
+}
+
+/// Why a request was not let through; each is a 401 with a challenge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No Bearer token at all.
+    TokenRequired,
+    /// Malformed, untrusted, expired, or for another issuer or audience.
+    InvalidToken,
+    /// A valid token that does not grant the scope.
+    InsufficientScope,
+}
+
+impl Rejection {
+    /// The challenge's `error` parameter (RFC 6750).
+    fn error_param(self) -> Option<&'static str> {
+        match self {
+            Rejection::TokenRequired => None,
+            Rejection::InvalidToken => Some("invalid_token"),
+            Rejection::InsufficientScope => Some("insufficient_scope"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("auth.token: no key to verify tokens with (rootcertbundle and jwks hold none)")]
+    NoKeys,
+    #[error(
+        "auth.token.signingalgorithms: {0:?} is not supported (use ES256, ES384, RS*, PS* or EdDSA)"
+    )]
+    Algorithm(String),
+}
+
+/// The token checker of `auth.token`.
+pub struct TokenAuth {
+    config: TokenConfig,
+    algorithms: Vec<Algorithm>,
+    keys: Mutex<WatchedKeys>,
+    cache: Mutex<TokenCache>,
+}
+
+impl TokenAuth {
+    /// Reads the key files; unreadable or keyless files are a startup error.
+    pub fn load(config: &TokenConfig) -> Result<Self, KeyError> {
+        let keys = WatchedKeys::load(config)?;
+        Ok(Self {
+            algorithms: accepted_algorithms(&config.signing_algorithms)?,
+            config: config.clone(),
+            keys: Mutex::new(keys),
+            cache: Mutex::new(TokenCache::default()),
+        })
+    }
+
+    /// The grant of the `Authorization` header's token, if it is valid and
+    /// grants `needed` (`None`: any valid token will do).
+    pub fn authorize(
+        &self,
+        authorization: Option<&[u8]>,
+        needed: Option<&Scope>,
+    ) -> Result<Arc<Grant>, Rejection> {
+        let token = authorization
+            .and_then(bearer_token)
+            .ok_or(Rejection::TokenRequired)?;
+        let grant = self.verify(token).ok_or(Rejection::InvalidToken)?;
+        match needed {
+            Some(scope) if !grant.allows(scope) => Err(Rejection::InsufficientScope),
+            _ => Ok(grant),
+        }
+    }
+
+    /// `WWW-Authenticate` for a rejection, as Distribution words it. With
+    /// `autoredirect`, the realm is on the host the client asked for.
+    pub fn challenge(
+        &self,
+        needed: Option<&Scope>,
+        rejection: Rejection,
+        host: HostSeen,
+    ) -> String {
+        let realm = match (&self.config.auto_redirect_path, host.host) {
+            (Some(path), Some(name)) => {
+                format!("{}://{name}{path}", host_scheme(host.forwarded_proto))
+            }
+            _ => self.config.realm.clone(),
+        };
+        let mut challenge = format!(
+            "Bearer realm={},service={}",
+            quote(&realm),
+            quote(&self.config.service)
+        );
+        if let Some(scope) = needed {
+            challenge.push_str(&format!(",scope={}", quote(&scope.param())));
+        }
+        if let Some(error) = rejection.error_param() {
+            challenge.push_str(&format!(",error={}", quote(error)));
+        }
+        challenge
+    }
+
+    /// The grant of a valid token: from the cache, or verified now.
+    fn verify(&self, token: &str) -> Option<Arc<Grant>> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return None;
+        }
+        let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let keys = self.current_keys();
+        let now = SystemTime::now();
+        if let Some(grant) = self.lock_cache().get(&fingerprint, keys.generation, now) {
+            return Some(grant);
+        }
+        let (grant, valid_until) = match self.verify_uncached(token, &keys.keys, now) {
+            Ok(verified) => verified,
+            Err(reason) => {
+                tracing::debug!(reason, "bearer token refused");
+                return None;
+            }
+        };
+        let grant = Arc::new(grant);
+        self.lock_cache().insert(
+            fingerprint,
+            Arc::clone(&grant),
+            keys.generation,
+            valid_until,
+            now,
+        );
+        Some(grant)
+    }
+
+    fn verify_uncached(
+        &self,
+        token: &str,
+        keys: &Keys,
+        now: SystemTime,
+    ) -> Result<(Grant, SystemTime), &'static str> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed token")?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err("signing algorithm not accepted");
+        }
+        let key = keys.signing_key(&header, now)?;
+        let claims = verify_signature(token, header.alg, &key)?;
+        let claims = Claims::from_value(claims, self.config.groups_claim.as_deref())?;
+        let valid_until = claims.check(&self.config, now)?;
+        Ok((claims.grant, valid_until))
+    }
+
+    /// The keys, re-read first if a file changed (at most once a second).
+    fn current_keys(&self) -> CurrentKeys {
+        let mut watched = self.keys.lock().expect("token keys lock");
+        watched.reload_if_changed(&self.config);
+        CurrentKeys {
+            keys: Arc::clone(&watched.keys),
+            generation: watched.generation,
+        }
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, TokenCache> {
+        self.cache.lock().expect("token cache lock")
+    }
+}
+
+/// The host a request was addressed to, for `autoredirect` realms.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostSeen<'a> {
+    pub host: Option<&'a str>,
+    /// `X-Forwarded-Proto`, as Distribution honours it.
+    pub forwarded_proto: Option<&'a str>,
+}
+
+fn host_scheme(forwarded_proto: Option<&str>) -> &str {
+    forwarded_proto.filter(|p| !p.is_empty()).unwrap_or("https")
+}
+
+/// Go's `%q` for the ASCII a header can carry: quotes and backslashes escaped.
+fn quote(value: &str) -> String {
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// `Bearer <token>`, scheme case-insensitive, as Distribution splits it.
+fn bearer_token(header: &[u8]) -> Option<&str> {
+    let value = std::str::from_utf8(header).ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+fn accepted_algorithms(names: &[String]) -> Result<Vec<Algorithm>, KeyError> {
+    if names.is_empty() {
+        return Ok(SUPPORTED_ALGORITHMS.to_vec());
+    }
+    names
+        .iter()
+        .map(|name| {
+            name.parse::<Algorithm>()
+                .ok()
+                .filter(|alg| SUPPORTED_ALGORITHMS.contains(alg))
+                .ok_or_else(|| KeyError::Algorithm(name.clone()))
+        })
+        .collect()
+}
+
+/// Checks the signature only; the claims are Distribution's to check.
+fn verify_signature(
+    token: &str,
+    alg: Algorithm,
+    key: &DecodingKey,
+) -> Result<serde_json::Value, &'static str> {
+    let mut validation = Validation::new(alg);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    jsonwebtoken::decode::<serde_json::Value>(token, key, &validation)
+        .map(|data| data.claims)
+        .map_err(|_| "bad signature")
+}
+
+/// The claims Distribution reads; absent numbers are 0 as in Go.
+#[derive(Deserialize)]
+struct RawClaims {
+    #[serde(default)]
+    iss: String,
+    #[serde(default)]
+    sub: String,
+    #[serde(default)]
+    aud: Audience,
+    #[serde(default)]
+    exp: i64,
+    #[serde(default)]
+    nbf: i64,
+    #[serde(default)]
+    access: Option<Vec<ResourceActions>>,
+}
+
+/// `aud` is a string or a list of strings.
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum Audience {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    fn names(&self, service: &str) -> bool {
+        match self {
+            Audience::None => false,
+            Audience::One(aud) => aud == service,
+            Audience::Many(auds) => auds.iter().any(|aud| aud == service),
+        }
+    }
+}
+
+struct Claims {
+    issuer: String,
+    audience: Audience,
+    expires: i64,
+    not_before: i64,
+    grant: Grant,
+}
+
+impl Claims {
+    fn from_value(
+        value: serde_json::Value,
+        groups_claim: Option<&str>,
+    ) -> Result<Self, &'static str> {
+        let groups = groups_claim
+            .and_then(|claim| value.get(claim))
+            .map(group_names)
+            .unwrap_or_default();
+        let raw: RawClaims = serde_json::from_value(value).map_err(|_| "malformed claims")?;
+        Ok(Self {
+            issuer: raw.iss,
+            audience: raw.aud,
+            expires: raw.exp,
+            not_before: raw.nbf,
+            grant: Grant {
+                subject: raw.sub,
+                groups,
+                access: raw.access.unwrap_or_default(),
+            },
+        })
+    }
+
+    /// Distribution's checks in its order; the instant the token stops
+    /// being valid (expiry plus leeway) when they pass.
+    fn check(&self, config: &TokenConfig, now: SystemTime) -> Result<SystemTime, &'static str> {
+        if self.issuer != config.issuer {
+            return Err("token from untrusted issuer");
+        }
+        if !self.audience.names(&config.service) {
+            return Err("token intended for another audience");
+        }
+        let valid_until = unix_time(self.expires) + LEEWAY;
+        if now > valid_until {
+            return Err("token expired");
+        }
+        if now
+            < unix_time(self.not_before)
+                .checked_sub(LEEWAY)
+                .unwrap_or(UNIX_EPOCH)
+        {
+            return Err("token not valid yet");
+        }
+        Ok(valid_until)
+    }
+}
+
+/// A groups claim: a list of strings, or one string; anything else, none.
+fn group_names(claim: &serde_json::Value) -> Vec<String> {
+    match claim {
+        serde_json::Value::String(group) => vec![group.clone()],
+        serde_json::Value::Array(items) => items
+            .iter()
+            .filter_map(|item| item.as_str().map(str::to_owned))
+            .take(MAX_GROUPS)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Seconds since the epoch as a time; negative ones clamp to the epoch.
+fn unix_time(seconds: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(seconds.max(0).unsigned_abs())
+}
+
+/// The keys tokens may be signed with.
+#[derive(Default)]
+struct Keys {
+    /// DER of the `rootcertbundle` certificates: trust anchors of `x5c`.
+    roots: Vec<Vec<u8>>,
+    /// Keys a `kid` may name: bundle keys by libtrust fingerprint and by
+    /// RFC 7638 thumbprint, JWKS keys by their `kid`.
+    by_kid: HashMap<String, Arc<DecodingKey>>,
+}
+
+impl Keys {
+    /// Distribution 2's order of preference: `x5c`, then `jwk`, then `kid`.
+    fn signing_key(
+        &self,
+        header: &Header,
+        now: SystemTime,
+    ) -> Result<Arc<DecodingKey>, &'static str> {
+        if let Some(chain) = header.x5c.as_deref().filter(|c| !c.is_empty()) {
+            return self.verify_chain(chain, now);
+        }
+        if let Some(jwk) = &header.jwk {
+            return match jwk.common.x509_chain.as_deref().filter(|c| !c.is_empty()) {
+                Some(chain) => self.verify_chain(chain, now),
+                None => self.named_key(jwk.common.key_id.as_deref()),
+            };
+        }
+        self.named_key(header.kid.as_deref())
+    }
+
+    fn named_key(&self, kid: Option<&str>) -> Result<Arc<DecodingKey>, &'static str> {
+        kid.filter(|kid| !kid.is_empty())
+            .and_then(|kid| self.by_kid.get(kid))
+            .cloned()
+            .ok_or("token signed by an untrusted key")
+    }
+
+    /// The leaf's key when the chain (base64 DER, leaf first) leads to a
+    /// bundle certificate: each certificate signed by the next one or by a
+    /// root, every one of them within its validity period.
+    fn verify_chain(
+        &self,
+        chain: &[String],
+        now: SystemTime,
+    ) -> Result<Arc<DecodingKey>, &'static str> {
+        if chain.len() > MAX_CHAIN_LENGTH {
+            return Err("x5c chain too long");
+        }
+        let ders = chain
+            .iter()
+            .map(|cert| STANDARD.decode(cert))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| "x5c is not base64")?;
+        let certs = ders
+            .iter()
+            .map(|der| X509Certificate::from_der(der).map(|(_, cert)| cert))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| "x5c holds a malformed certificate")?;
+        let roots = self
+            .roots
+            .iter()
+            .filter_map(|der| X509Certificate::from_der(der).ok().map(|(_, cert)| cert))
+            .collect::<Vec<_>>();
+        let (leaf, intermediates) = certs.split_first().ok_or("empty x5c")?;
+        let mut current = leaf;
+        // Each step moves up one certificate, so the chain length bounds it.
+        for _ in 0..=MAX_CHAIN_LENGTH {
+            if !valid_at(current, now) {
+                return Err("x5c certificate outside its validity period");
+            }
+            if let Some(root) = roots
+                .iter()
+                .find(|root| root.as_raw() == current.as_raw() || signed_by(current, root))
+            {
+                if !valid_at(root, now) {
+                    return Err("root certificate outside its validity period");
+                }
+                return decoding_key(leaf.public_key()).map(Arc::new);
+            }
+            current = intermediates
+                .iter()
+                .find(|issuer| issuer.is_ca() && signed_by(current, issuer))
+                .ok_or("x5c chain does not lead to a trusted root")?;
+        }
+        Err("x5c chain does not lead to a trusted root")
+    }
+}
+
+fn signed_by(cert: &X509Certificate, issuer: &X509Certificate) -> bool {
+    cert.issuer() == issuer.subject() && cert.verify_signature(Some(issuer.public_key())).is_ok()
+}
+
+fn valid_at(cert: &X509Certificate, now: SystemTime) -> bool {
+    let Ok(since_epoch) = now.duration_since(UNIX_EPOCH) else {
+        return false;
+    };
+    let now = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
+    let validity = cert.validity();
+    validity.not_before.timestamp() <= now && now <= validity.not_after.timestamp()
+}
+
+/// A certificate's public key as `jsonwebtoken` takes it.
+fn decoding_key(spki: &SubjectPublicKeyInfo) -> Result<DecodingKey, &'static str> {
+    let algorithm = &spki.algorithm.algorithm;
+    let bits = spki.subject_public_key.data.as_ref();
+    if *algorithm == OID_PKCS1_RSAENCRYPTION {
+        Ok(DecodingKey::from_rsa_der(bits))
+    } else if *algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        Ok(DecodingKey::from_ec_der(bits))
+    } else if *algorithm == OID_SIG_ED25519 {
+        Ok(DecodingKey::from_ed_der(bits))
+    } else {
+        Err("certificate key of an unsupported type")
+    }
+}
+
+/// The names a `kid` may give a bundle key: libtrust's fingerprint
+/// (Distribution 2, docker_auth, GitLab, Harbor) and the RFC 7638
+/// thumbprint (Distribution 3).
+fn key_ids(spki: &SubjectPublicKeyInfo) -> Vec<String> {
+    let mut ids = vec![libtrust_key_id(spki.raw)];
+    ids.extend(jwk_thumbprint(spki));
+    ids
+}
+
+/// libtrust's key ID: the SHA-256 of the DER public key, first 240 bits,
+/// base32, in twelve groups of four joined by `:`.
+fn libtrust_key_id(spki_der: &[u8]) -> String {
+    let digest = Sha256::digest(spki_der);
+    let encoded = base32(&digest[..30]);
+    encoded
+        .as_bytes()
+        .chunks(4)
+        .map(|group| std::str::from_utf8(group).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// RFC 4648 base32 without padding (30 bytes encode without any).
+fn base32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::with_capacity(bytes.len() * 8 / 5 + 1);
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for &byte in bytes {
+        buffer = (buffer << 8) | u32::from(byte);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(char::from(ALPHABET[((buffer >> bits) & 31) as usize]));
+        }
+    }
+    if bits > 0 {
+        out.push(char::from(ALPHABET[((buffer << (5 - bits)) & 31) as usize]));
+    }
+    out
+}
+
+/// Distribution 3's `GetJWKThumbprint`. Like Go's `big.Int.Bytes()`, the
+/// numbers lose leading zero bytes, so the ID matches Distribution's.
+fn jwk_thumbprint(spki: &SubjectPublicKeyInfo) -> Option<String> {
+    let number = |bytes: &[u8]| {
+        let first = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
+        URL_SAFE_NO_PAD.encode(&bytes[first..])
+    };
+    let json = match spki.parsed().ok()? {
+        PublicKey::RSA(rsa) => format!(
+            r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
+            number(rsa.exponent),
+            number(rsa.modulus)
+        ),
+        PublicKey::EC(point) => {
+            let curve = spki.algorithm.parameters.as_ref()?.as_oid().ok()?;
+            let crv = if curve == OID_EC_P256 {
+                "P-256"
+            } else if curve == OID_NIST_EC_P384 {
+                "P-384"
+            } else {
+                return None;
+            };
+            // Uncompressed SEC1: 0x04, then x and y of equal length.
+            let coordinates = point.data().strip_prefix(&[4])?;
+            let (x, y) = coordinates.split_at(coordinates.len() / 2);
+            format!(
+                r#"{{"crv":"{crv}","kty":"EC","x":"{}","y":"{}"}}"#,
+                number(x),
+                number(y)
+            )
+        }
+        _ if spki.algorithm.algorithm == OID_SIG_ED25519 => format!(
+            r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+            URL_SAFE_NO_PAD.encode(spki.subject_public_key.data.as_ref())
+        ),
+        _ => return None,
+    };
+    Some(URL_SAFE_NO_PAD.encode(Sha256::digest(json.as_bytes())))
+}
+
+fn read_bundle(path: &Path) -> Result<Keys, KeyError> {
+    let bytes = read_file(path)?;
+    let parse_error = |reason: String| KeyError::Parse {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut keys = Keys::default();
+    for pem in Pem::iter_from_buffer(&bytes) {
+        let pem = pem.map_err(|e| parse_error(format!("not a PEM bundle: {e}")))?;
+        if pem.label != "CERTIFICATE" {
+            continue;
+        }
+        let cert = pem
+            .parse_x509()
+            .map_err(|e| parse_error(format!("malformed certificate: {e}")))?;
+        if let Ok(key) = decoding_key(cert.public_key()) {
+            let key = Arc::new(key);
+            for id in key_ids(cert.public_key()) {
+                keys.by_kid.insert(id, Arc::clone(&key));
+            }
+        }
+        keys.roots.push(pem.contents.clone());
+    }
+    Ok(keys)
+}
+
+fn read_jwks(path: &Path, keys: &mut Keys) -> Result<(), KeyError> {
+    let bytes = read_file(path)?;
+    let set: JwkSet = serde_json::from_slice(&bytes).map_err(|e| KeyError::Parse {
+        path: path.to_owned(),
+        reason: format!("not a JWKS: {e}"),
+    })?;
+    for jwk in &set.keys {
+        let Some(kid) = jwk.common.key_id.clone().filter(|kid| !kid.is_empty()) else {
+            tracing::warn!(path = %path.display(), "JWKS key without kid ignored: tokens cannot name it");
+            continue;
+        };
+        if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
+            tracing::warn!(path = %path.display(), kid, "symmetric JWKS key ignored");
+            continue;
+        }
+        match DecodingKey::from_jwk(jwk) {
+            Ok(key) => {
+                keys.by_kid.insert(kid, Arc::new(key));
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), kid, error = %e, "unusable JWKS key ignored")
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, KeyError> {
+    std::fs::read(path).map_err(|source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_keys(config: &TokenConfig) -> Result<Keys, KeyError> {
+    let mut keys = match &config.root_cert_bundle {
+        Some(path) => read_bundle(path)?,
+        None => Keys::default(),
+    };
+    if let Some(path) = &config.jwks {
+        read_jwks(path, &mut keys)?;
+    }
+    if keys.roots.is_empty() && keys.by_kid.is_empty() {
+        return Err(KeyError::NoKeys);
+    }
+    Ok(keys)
+}
+
+/// The key files as last read, re-read when either changes.
+struct WatchedKeys {
+    keys: Arc<Keys>,
+    /// Bumped on every reload, so cached grants of old keys are not used.
+    generation: u64,
+    modified: Vec<Option<SystemTime>>,
+    checked_at: Instant,
+}
+
+struct CurrentKeys {
+    keys: Arc<Keys>,
+    generation: u64,
+}
+
+impl WatchedKeys {
+    fn load(config: &TokenConfig) -> Result<Self, KeyError> {
+        Ok(Self {
+            modified: modification_times(config),
+            keys: Arc::new(read_keys(config)?),
+            generation: 0,
+            checked_at: Instant::now(),
+        })
+    }
+
+    fn reload_if_changed(&mut self, config: &TokenConfig) {
+        if self.checked_at.elapsed() < RECHECK_INTERVAL {
+            return;
+        }
+        self.checked_at = Instant::now();
+        let modified = modification_times(config);
+        if modified == self.modified {
+            return;
+        }
+        match read_keys(config) {
+            Ok(keys) => {
+                tracing::info!(
+                    keys = keys.by_kid.len(),
+                    roots = keys.roots.len(),
+                    "token signing keys reloaded"
+                );
+                self.keys = Arc::new(keys);
+                self.generation += 1;
+                self.modified = modified;
+            }
+            // Keep the last good keys rather than locking everyone out.
+            Err(e) => tracing::warn!(error = %e, "cannot reload token signing keys"),
+        }
+    }
+}
+
+fn modification_times(config: &TokenConfig) -> Vec<Option<SystemTime>> {
+    [&config.root_cert_bundle, &config.jwks]
+        .into_iter()
+        .flatten()
+        .map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Verified tokens by SHA-256, at most [`MAX_CACHED_TOKENS`], each until
+/// its expiry (plus leeway) and only under the keys that verified it.
+#[derive(Default)]
+struct TokenCache {
+    entries: HashMap<[u8; 32], CachedGrant>,
+    /// A counter standing in for time: the entry with the smallest
+    /// `last_used` is the least recently used.
+    clock: u64,
+}
+
+struct CachedGrant {
+    grant: Arc<Grant>,
+    generation: u64,
+    valid_until: SystemTime,
+    last_used: u64,
+}
+
+impl TokenCache {
+    fn get(
+        &mut self,
+        fingerprint: &[u8; 32],
+        generation: u64,
+        now: SystemTime,
+    ) -> Option<Arc<Grant>> {
+        self.clock += 1;
+        let entry = self.entries.get_mut(fingerprint)?;
+        if entry.generation != generation || now > entry.valid_until {
+            self.entries.remove(fingerprint);
+            return None;
+        }
+        entry.last_used = self.clock;
+        Some(Arc::clone(&entry.grant))
+    }
+
+    fn insert(
+        &mut self,
+        fingerprint: [u8; 32],
+        grant: Arc<Grant>,
+        generation: u64,
+        valid_until: SystemTime,
+        now: SystemTime,
+    ) {
+        if self.entries.len() >= MAX_CACHED_TOKENS && !self.entries.contains_key(&fingerprint) {
+            self.make_room(generation, now);
+        }
+        self.clock += 1;
+        self.entries.insert(
+            fingerprint,
+            CachedGrant {
+                grant,
+                generation,
+                valid_until,
+                last_used: self.clock,
+            },
+        );
+    }
+
+    /// Drops what can no longer be used; if that frees nothing, the least
+    /// recently used entry. A scan of at most [`MAX_CACHED_TOKENS`], paid
+    /// only by a request that also paid for a signature check.
+    fn make_room(&mut self, generation: u64, now: SystemTime) {
+        self.entries
+            .retain(|_, entry| entry.generation == generation && now <= entry.valid_until);
+        if self.entries.len() < MAX_CACHED_TOKENS {
+            return;
+        }
+        if let Some(oldest) = self
+            .entries
+            .iter()
+            .min_by_key(|(_, entry)| entry.last_used)
+            .map(|(fingerprint, _)| *fingerprint)
+        {
+            self.entries.remove(&oldest);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
