@@ -617,7 +617,7 @@ fn key_ids(spki: &SubjectPublicKeyInfo) -> Vec<String> {
 
 /// libtrust's key ID: the SHA-256 of the DER public key, first 240 bits,
 /// base32, in twelve groups of four joined by `:`.
-fn libtrust_key_id(spki_der: &[u8]) -> String {
+pub fn libtrust_key_id(spki_der: &[u8]) -> String {
     let digest = Sha256::digest(spki_der);
     let encoded = base32(&digest[..30]);
     encoded
@@ -898,5 +898,328 @@ impl TokenCache {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::EncodingKey;
+
+    /// A P-256 key and its certificate, CA or not, self-signed or issued.
+    struct TestKey {
+        key: rcgen::KeyPair,
+        cert: rcgen::Certificate,
+        params: rcgen::CertificateParams,
+    }
+
+    impl TestKey {
+        fn new(name: &str, ca: bool, issuer: Option<&TestKey>) -> Self {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            if ca {
+                params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            }
+            let cert = match issuer {
+                None => params.self_signed(&key).unwrap(),
+                Some(issuer) => {
+                    let signer = rcgen::Issuer::from_params(&issuer.params, &issuer.key);
+                    params.signed_by(&key, &signer).unwrap()
+                }
+            };
+            Self { key, cert, params }
+        }
+
+        fn x5c(&self) -> String {
+            STANDARD.encode(self.cert.der())
+        }
+
+        fn spki(&self) -> Vec<u8> {
+            rcgen::PublicKeyData::subject_public_key_info(&self.key)
+        }
+
+        fn sign(&self, header: Header, claims: &serde_json::Value) -> String {
+            let key = EncodingKey::from_ec_der(&self.key.serialize_der());
+            jsonwebtoken::encode(&header, claims, &key).unwrap()
+        }
+
+        fn sign_x5c(&self, chain: &[&TestKey], claims: &serde_json::Value) -> String {
+            let mut header = Header::new(Algorithm::ES256);
+            header.x5c = Some(chain.iter().map(|k| k.x5c()).collect());
+            self.sign(header, claims)
+        }
+
+        fn sign_kid(&self, kid: &str, claims: &serde_json::Value) -> String {
+            let mut header = Header::new(Algorithm::ES256);
+            header.kid = Some(kid.to_owned());
+            self.sign(header, claims)
+        }
+    }
+
+    fn claims() -> serde_json::Value {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        serde_json::json!({
+            "iss": "issuer", "sub": "alice", "aud": ["other", "registry"],
+            "exp": now + 300, "nbf": now - 10,
+            "access": [{"type": "repository", "name": "team/app", "actions": ["pull"]}],
+            "groups": ["dev", 7, "ops"],
+        })
+    }
+
+    fn config(dir: &Path, bundle: &[&TestKey]) -> TokenConfig {
+        let path = dir.join("bundle.pem");
+        let pem: String = bundle.iter().map(|k| k.cert.pem()).collect();
+        std::fs::write(&path, pem).unwrap();
+        TokenConfig {
+            realm: "https://auth.example/token".into(),
+            service: "registry".into(),
+            issuer: "issuer".into(),
+            root_cert_bundle: Some(path),
+            jwks: None,
+            auto_redirect_path: None,
+            signing_algorithms: Vec::new(),
+            groups_claim: None,
+        }
+    }
+
+    fn accepts(auth: &TokenAuth, token: &str) -> bool {
+        let header = format!("Bearer {token}");
+        auth.authorize(Some(header.as_bytes()), Some(&Scope::pull("team/app")))
+            .is_ok()
+    }
+
+    #[test]
+    fn an_x5c_chain_through_an_intermediate_to_a_bundle_root_is_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = TestKey::new("root", true, None);
+        let intermediate = TestKey::new("intermediate", true, Some(&root));
+        let leaf = TestKey::new("leaf", false, Some(&intermediate));
+        let auth = TokenAuth::load(&config(dir.path(), &[&root])).unwrap();
+
+        assert!(accepts(
+            &auth,
+            &leaf.sign_x5c(&[&leaf, &intermediate], &claims())
+        ));
+        assert!(
+            !accepts(&auth, &leaf.sign_x5c(&[&leaf], &claims())),
+            "the intermediate is missing"
+        );
+        let not_ca = TestKey::new("not-ca", false, Some(&root));
+        let below_not_ca = TestKey::new("leaf2", false, Some(&not_ca));
+        assert!(
+            !accepts(
+                &auth,
+                &below_not_ca.sign_x5c(&[&below_not_ca, &not_ca], &claims())
+            ),
+            "only a CA may issue"
+        );
+        let stranger = TestKey::new("stranger", true, None);
+        assert!(!accepts(&auth, &stranger.sign_x5c(&[&stranger], &claims())));
+    }
+
+    #[test]
+    fn a_kid_names_bundle_keys_by_fingerprint_and_jwks_keys_by_their_kid() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundled = TestKey::new("bundled", false, None);
+        let in_jwks = TestKey::new("jwks", false, None);
+        let mut config = config(dir.path(), &[&bundled]);
+        let point = in_jwks.key.public_key_raw();
+        let jwks = serde_json::json!({"keys": [
+            {"kty": "EC", "crv": "P-256", "kid": "jwks-key", "use": "sig",
+             "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..])},
+            {"kty": "oct", "kid": "shared-secret", "k": "c2VjcmV0"},
+        ]});
+        let jwks_path = dir.path().join("jwks.json");
+        std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+        config.jwks = Some(jwks_path);
+        let auth = TokenAuth::load(&config).unwrap();
+
+        let (_, cert) = X509Certificate::from_der(bundled.cert.der()).unwrap();
+        let ids = key_ids(cert.public_key());
+        assert_eq!(ids.len(), 2, "libtrust fingerprint and RFC 7638 thumbprint");
+        assert_eq!(ids[0], libtrust_key_id(&bundled.spki()));
+        assert_eq!(ids[0].len(), 59, "twelve groups of four: {}", ids[0]);
+        for id in &ids {
+            assert!(accepts(&auth, &bundled.sign_kid(id, &claims())), "{id}");
+        }
+        assert!(accepts(&auth, &in_jwks.sign_kid("jwks-key", &claims())));
+        assert!(!accepts(&auth, &in_jwks.sign_kid(&ids[0], &claims())));
+        assert!(!accepts(&auth, &bundled.sign_kid("unknown", &claims())));
+        assert!(!accepts(
+            &auth,
+            &bundled.sign(Header::new(Algorithm::ES256), &claims())
+        ));
+    }
+
+    #[test]
+    fn neither_none_nor_hmac_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TestKey::new("key", false, None);
+        let auth = TokenAuth::load(&config(dir.path(), &[&key])).unwrap();
+        let claims = claims();
+        // The classic confusion: the public certificate used as an HMAC secret.
+        let mut header = Header::new(Algorithm::HS256);
+        header.x5c = Some(vec![key.x5c()]);
+        let hmac = EncodingKey::from_secret(key.cert.der()).unwrap();
+        let token = jsonwebtoken::encode(&header, &claims, &hmac).unwrap();
+        assert!(!accepts(&auth, &token));
+        let none = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","x5c":["{}"]}}"#, key.x5c())),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        assert!(!accepts(&auth, &none));
+        assert!(accepted_algorithms(&["HS256".into()]).is_err());
+        assert!(accepted_algorithms(&["none".into()]).is_err());
+
+        let mut only_rsa = config(dir.path(), &[&key]);
+        only_rsa.signing_algorithms = vec!["RS256".into()];
+        let auth = TokenAuth::load(&only_rsa).unwrap();
+        assert!(!accepts(&auth, &key.sign_x5c(&[&key], &claims)));
+    }
+
+    #[test]
+    fn grants_carry_subject_groups_and_access_and_scopes_are_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TestKey::new("key", false, None);
+        let mut config = config(dir.path(), &[&key]);
+        config.groups_claim = Some("groups".into());
+        let auth = TokenAuth::load(&config).unwrap();
+        let header = format!("Bearer {}", key.sign_x5c(&[&key], &claims()));
+        let grant = auth.authorize(Some(header.as_bytes()), None).unwrap();
+        assert_eq!(grant.subject, "alice");
+        assert_eq!(grant.groups, ["dev", "ops"]);
+        assert!(grant.allows(&Scope::pull("team/app")));
+        assert!(!grant.allows(&Scope::pull("team/app/sub")));
+        assert!(!grant.allows(&Scope::pull("team")));
+        assert!(!grant.allows(&Scope::catalog()));
+        let refused = |scope: Scope| auth.authorize(Some(header.as_bytes()), Some(&scope));
+        assert_eq!(
+            refused(Scope::catalog()).unwrap_err(),
+            Rejection::InsufficientScope
+        );
+        assert_eq!(
+            auth.authorize(None, None).unwrap_err(),
+            Rejection::TokenRequired
+        );
+        assert_eq!(
+            auth.challenge(
+                Some(&Scope::pull("team/app")),
+                Rejection::InsufficientScope,
+                HostSeen::default()
+            ),
+            r#"Bearer realm="https://auth.example/token",service="registry",scope="repository:team/app:pull",error="insufficient_scope""#
+        );
+    }
+
+    #[test]
+    fn autoredirect_puts_the_realm_on_the_requested_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TestKey::new("key", false, None);
+        let mut config = config(dir.path(), &[&key]);
+        config.auto_redirect_path = Some("/auth/token".into());
+        let auth = TokenAuth::load(&config).unwrap();
+        let host = HostSeen {
+            host: Some("kura.example:5000"),
+            forwarded_proto: Some("http"),
+        };
+        assert_eq!(
+            auth.challenge(None, Rejection::TokenRequired, host),
+            r#"Bearer realm="http://kura.example:5000/auth/token",service="registry""#
+        );
+    }
+
+    #[test]
+    fn keys_reload_when_the_bundle_changes_and_old_grants_go_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = TestKey::new("old", false, None);
+        let new = TestKey::new("new", false, None);
+        let config = config(dir.path(), &[&old]);
+        let auth = TokenAuth::load(&config).unwrap();
+        let old_token = old.sign_x5c(&[&old], &claims());
+        assert!(accepts(&auth, &old_token));
+
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(config.root_cert_bundle.as_ref().unwrap(), new.cert.pem()).unwrap();
+        auth.keys.lock().unwrap().checked_at = Instant::now() - RECHECK_INTERVAL * 2;
+        assert!(!accepts(&auth, &old_token), "cached grant of a removed key");
+        assert!(accepts(&auth, &new.sign_x5c(&[&new], &claims())));
+
+        std::fs::write(config.root_cert_bundle.as_ref().unwrap(), "not pem").unwrap();
+        auth.keys.lock().unwrap().checked_at = Instant::now() - RECHECK_INTERVAL * 2;
+        assert!(
+            accepts(&auth, &new.sign_x5c(&[&new], &claims())),
+            "a broken file keeps the last good keys"
+        );
+    }
+
+    #[test]
+    fn the_token_cache_stays_bounded_and_keeps_what_is_in_use() {
+        let mut cache = TokenCache::default();
+        let now = SystemTime::now();
+        let later = now + Duration::from_secs(600);
+        let grant = Arc::new(Grant {
+            subject: String::new(),
+            groups: Vec::new(),
+            access: Vec::new(),
+        });
+        let fingerprint = |i: usize| -> [u8; 32] { Sha256::digest(i.to_le_bytes()).into() };
+        let kept = fingerprint(usize::MAX);
+        cache.insert(kept, Arc::clone(&grant), 0, later, now);
+        for i in 0..10 * MAX_CACHED_TOKENS {
+            cache.insert(fingerprint(i), Arc::clone(&grant), 0, later, now);
+            assert!(
+                cache.get(&kept, 0, now).is_some(),
+                "in use, so never evicted"
+            );
+            assert!(cache.len() <= MAX_CACHED_TOKENS);
+        }
+        assert_eq!(cache.len(), MAX_CACHED_TOKENS);
+        assert!(
+            cache
+                .get(&kept, 0, later + Duration::from_secs(1))
+                .is_none(),
+            "never past its expiry"
+        );
+        assert!(
+            cache
+                .get(&fingerprint(10 * MAX_CACHED_TOKENS - 1), 1, now)
+                .is_none(),
+            "never under other keys"
+        );
+    }
+
+    #[test]
+    fn oversized_and_odd_authorization_headers_are_refused_without_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TestKey::new("key", false, None);
+        let auth = TokenAuth::load(&config(dir.path(), &[&key])).unwrap();
+        let long = format!("Bearer {}", "a".repeat(MAX_TOKEN_BYTES + 1));
+        for header in [
+            &long[..],
+            "Bearer",
+            "Bearer ",
+            "bearer a.b.c",
+            "Bearer ..",
+            "\u{0}",
+        ] {
+            assert!(
+                auth.authorize(Some(header.as_bytes()), None).is_err(),
+                "{header:?}"
+            );
+        }
+        assert!(auth.authorize(Some(&[0xff, 0x20, 0x41]), None).is_err());
+    }
+
+    #[test]
+    fn base32_matches_rfc_4648() {
+        assert_eq!(base32(b"foobar"), "MZXW6YTBOI");
+        assert_eq!(base32(b"fooba"), "MZXW6YTB");
     }
 }
