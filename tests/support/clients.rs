@@ -53,6 +53,33 @@ pub fn skopeo_copy(
     dest_dir: &Path,
     all: bool,
 ) -> LandedContent {
+    skopeo_copy_with(src_registry_addr, image_ref, dest_dir, all, None)
+}
+
+/// [`skopeo_copy`] of one image, logged in to the source with `--src-creds USER:PASS` (skopeo
+/// answers a Bearer challenge by fetching a token from the realm with them).
+pub fn skopeo_copy_as(
+    (user, pass): (&str, &str),
+    src_registry_addr: impl Display,
+    image_ref: &str,
+    dest_dir: &Path,
+) -> LandedContent {
+    skopeo_copy_with(
+        src_registry_addr,
+        image_ref,
+        dest_dir,
+        false,
+        Some(format!("{user}:{pass}")),
+    )
+}
+
+fn skopeo_copy_with(
+    src_registry_addr: impl Display,
+    image_ref: &str,
+    dest_dir: &Path,
+    all: bool,
+    creds: Option<String>,
+) -> LandedContent {
     let destination = if all {
         format!("dir:{}", dest_dir.display())
     } else {
@@ -64,6 +91,7 @@ pub fn skopeo_copy(
     let mut cmd = Command::new(require_tool("skopeo"));
     cmd.args(["--insecure-policy", "copy", "--quiet", "--preserve-digests"])
         .arg("--src-tls-verify=false")
+        .args(creds.map(|creds| format!("--src-creds={creds}")))
         .args(all.then_some("--all"))
         .arg(format!("docker://{src_registry_addr}/{image_ref}"))
         .arg(destination);

@@ -26,7 +26,7 @@ pub mod upstream;
 
 pub use clients::{
     Containerd, CtrImage, LandedContent, PodmanImage, ctr_pull, landed_content, podman_pull,
-    skopeo_copy,
+    skopeo_copy, skopeo_copy_as,
 };
 pub use images::{Blob, Platform, PushedImage, PushedIndex, SeededImages, seed_all, seed_large};
 pub use kura::{Kura, KuraOptions};

@@ -4,6 +4,9 @@
 //! JWT whose `x5c` header carries the self-signed certificate that Distribution trusts through its
 //! `rootcertbundle`. Every repository scope is granted `pull` and `push`, so tests can seed images
 //! with the same credentials a client would pull with.
+//!
+//! [`TokenIssuer::mint`] makes tokens to order ([`TokenSpec`]: lifetime, issuer, audience, access,
+//! signing key), for tests of how a registry judges them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +18,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Serialize;
 
@@ -32,6 +35,8 @@ struct SigningKey {
     encoding: EncodingKey,
     cert_der_base64: String,
     cert_pem: String,
+    /// DER SubjectPublicKeyInfo, for the key's libtrust `kid`.
+    spki_der: Vec<u8>,
 }
 
 fn new_signing_key() -> SigningKey {
@@ -46,6 +51,7 @@ fn new_signing_key() -> SigningKey {
         encoding: EncodingKey::from_ec_der(&key.serialize_der()),
         cert_der_base64: STANDARD.encode(cert.der()),
         cert_pem: cert.pem(),
+        spki_der: rcgen::PublicKeyData::subject_public_key_info(&key),
     }
 }
 
@@ -105,6 +111,107 @@ impl TokenIssuer {
 
     pub fn stop(&mut self) {
         self.server.stop();
+    }
+
+    /// A token as `spec` describes it, signed as `spec.signing` says.
+    pub fn mint(&self, spec: &TokenSpec) -> String {
+        let claims = spec.claims();
+        match spec.signing {
+            Signing::Trusted => sign_with(&self.state.key, x5c_header(&self.state.key), &claims),
+            Signing::KeyId => {
+                let mut header = Header::new(Algorithm::ES256);
+                header.kid = Some(kura::auth::token::libtrust_key_id(&self.state.key.spki_der));
+                sign_with(&self.state.key, header, &claims)
+            }
+            Signing::UntrustedKey => {
+                let stranger = new_signing_key();
+                sign_with(&stranger, x5c_header(&stranger), &claims)
+            }
+            Signing::ForgedChain => {
+                let stranger = new_signing_key();
+                sign_with(&stranger, x5c_header(&self.state.key), &claims)
+            }
+            Signing::None => {
+                let header = serde_json::json!({
+                    "alg": "none",
+                    "typ": "JWT",
+                    "x5c": [self.state.key.cert_der_base64],
+                });
+                let encode = |value: &serde_json::Value| URL_SAFE_NO_PAD.encode(value.to_string());
+                format!(
+                    "{}.{}.",
+                    encode(&header),
+                    encode(&serde_json::to_value(&claims).expect("claims"))
+                )
+            }
+        }
+    }
+}
+
+/// How [`TokenIssuer::mint`] signs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signing {
+    /// The issuer's key, its certificate in `x5c` (what the issuer hands out).
+    Trusted,
+    /// The issuer's key, named only by its libtrust `kid` (no `x5c`).
+    KeyId,
+    /// A key of nobody's bundle, its own certificate in `x5c`.
+    UntrustedKey,
+    /// The issuer's certificate in `x5c`, but signed by another key.
+    ForgedChain,
+    /// `alg: none`, no signature.
+    None,
+}
+
+/// What a minted token says.
+#[derive(Clone, Debug)]
+pub struct TokenSpec {
+    pub issuer: String,
+    pub audience: String,
+    pub subject: String,
+    /// `exp` in seconds from now (negative: in the past).
+    pub expires_in: i64,
+    /// `nbf` in seconds from now.
+    pub not_before: i64,
+    pub access: Vec<Access>,
+    pub signing: Signing,
+}
+
+impl TokenSpec {
+    /// What the issuer would hand `subject` for `access`: valid for five minutes.
+    pub fn granting(subject: &str, access: Vec<Access>) -> Self {
+        Self {
+            issuer: ISSUER.to_owned(),
+            audience: SERVICE.to_owned(),
+            subject: subject.to_owned(),
+            expires_in: DEFAULT_LIFETIME.as_secs() as i64,
+            not_before: -10,
+            access,
+            signing: Signing::Trusted,
+        }
+    }
+
+    fn claims(&self) -> Claims {
+        let now = unix_now() as i64;
+        Claims {
+            iss: self.issuer.clone(),
+            sub: self.subject.clone(),
+            aud: self.audience.clone(),
+            exp: now + self.expires_in,
+            nbf: now + self.not_before,
+            iat: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            access: self.access.clone(),
+        }
+    }
+}
+
+/// One entry of an `access` claim: `access("repository", "library/alpine", &["pull"])`.
+pub fn access(kind: &str, name: &str, actions: &[&str]) -> Access {
+    Access {
+        kind: kind.to_owned(),
+        name: name.to_owned(),
+        actions: actions.iter().map(|a| (*a).to_owned()).collect(),
     }
 }
 
@@ -196,8 +303,8 @@ impl TokenRequest {
     }
 }
 
-#[derive(Serialize)]
-struct Access {
+#[derive(Serialize, Clone, Debug)]
+pub struct Access {
     #[serde(rename = "type")]
     kind: String,
     name: String,
@@ -225,25 +332,22 @@ struct Claims {
     iss: String,
     sub: String,
     aud: String,
-    exp: u64,
-    nbf: u64,
-    iat: u64,
+    exp: i64,
+    nbf: i64,
+    iat: i64,
     jti: String,
     access: Vec<Access>,
 }
 
 fn sign(state: &IssuerState, subject: &str, request: &TokenRequest) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
+    let now = unix_now();
     let claims = Claims {
         iss: ISSUER.to_owned(),
         sub: subject.to_owned(),
         aud: request.service.clone(),
-        exp: now + state.lifetime.as_secs(),
-        nbf: now.saturating_sub(10),
-        iat: now,
+        exp: (now + state.lifetime.as_secs()) as i64,
+        nbf: now.saturating_sub(10) as i64,
+        iat: now as i64,
         jti: uuid::Uuid::new_v4().to_string(),
         access: request
             .scopes
@@ -251,8 +355,24 @@ fn sign(state: &IssuerState, subject: &str, request: &TokenRequest) -> String {
             .filter_map(|s| access_for_scope(s))
             .collect(),
     };
+    sign_with(&state.key, x5c_header(&state.key), &claims)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// ES256 with `key`'s certificate as the whole `x5c` chain.
+fn x5c_header(key: &SigningKey) -> Header {
     let mut header = Header::new(Algorithm::ES256);
     header.typ = Some("JWT".to_owned());
-    header.x5c = Some(vec![state.key.cert_der_base64.clone()]);
-    jsonwebtoken::encode(&header, &claims, &state.key.encoding).expect("sign JWT")
+    header.x5c = Some(vec![key.cert_der_base64.clone()]);
+    header
+}
+
+fn sign_with(key: &SigningKey, header: Header, claims: &Claims) -> String {
+    jsonwebtoken::encode(&header, claims, &key.encoding).expect("sign JWT")
 }
