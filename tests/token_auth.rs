@@ -9,7 +9,7 @@ mod support;
 
 use std::path::Path;
 
-use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use support::images::{Flavor, ImageBuild};
 use support::token::{ISSUER, SERVICE, Signing, TokenSpec, access};
 use support::{Kura, KuraOptions, Platform, PushedImage, Upstream, skopeo_copy_as};
@@ -88,7 +88,9 @@ impl Answer {
 
 async fn ask(base: &str, path: &str, authorization: Option<&str>) -> Answer {
     let client = support::net::http_client(std::time::Duration::from_secs(30));
-    let mut request = client.get(format!("{base}{path}"));
+    let mut request = client
+        .get(format!("{base}{path}"))
+        .header(ACCEPT, Flavor::Oci.manifest_type());
     if let Some(value) = authorization {
         request = request.header(AUTHORIZATION, value);
     }
