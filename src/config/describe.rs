@@ -243,6 +243,27 @@ mod tests {
     }
 
     #[test]
+    fn shows_token_auth_as_distribution_spells_it() {
+        let env = [
+            ("REGISTRY_AUTH_TOKEN_REALM", "https://auth.example/token"),
+            ("REGISTRY_AUTH_TOKEN_SERVICE", "registry.example"),
+            ("REGISTRY_AUTH_TOKEN_ISSUER", "auth.example"),
+            ("REGISTRY_AUTH_TOKEN_ROOTCERTBUNDLE", "/certs/bundle.pem"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let text = Config::load(None, env, &Overrides::default())
+            .unwrap()
+            .describe();
+        let reparsed: Value = serde_yaml::from_str(&text).unwrap();
+        let token = &reparsed["auth"]["token"];
+        assert_eq!(token["realm"], "https://auth.example/token", "{text}");
+        assert_eq!(token["service"], "registry.example");
+        assert_eq!(token["issuer"], "auth.example");
+        assert_eq!(token["rootcertbundle"], "/certs/bundle.pem");
+        assert_eq!(token["autoredirect"], false);
+    }
+
+    #[test]
     fn masks_secrets_and_shows_effective_values() {
         let env = [
             (
