@@ -316,3 +316,47 @@ fn base64_pair(user: &str, pass: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
 }
+
+/// A Distribution `auth: token:` section passes `kura config check` (which also reads the keys);
+/// a bundle with no certificate in it is refused there, as `serve` would refuse it.
+#[test]
+fn config_check_reads_the_token_section_and_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = support::TokenIssuer::start(None, support::token::DEFAULT_LIFETIME);
+    let bundle = dir.path().join("token-ca.pem");
+    std::fs::write(&bundle, issuer.cert_pem()).unwrap();
+    let config = dir.path().join("config.yml");
+    let write_config = |bundle: &Path| {
+        let yaml = format!(
+            "version: 0.1\nauth:\n  token:\n    realm: {}\n    service: {SERVICE}\n    \
+             issuer: {ISSUER}\n    rootcertbundle: {}\n",
+            issuer.realm(),
+            bundle.display()
+        );
+        std::fs::write(&config, yaml).unwrap();
+    };
+    let check = || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kura"));
+        command
+            .args(["config", "check"])
+            .arg(&config)
+            .env("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY", dir.path());
+        support::process::run_tool(command, std::time::Duration::from_secs(30))
+    };
+
+    write_config(&bundle);
+    let output = check();
+    assert!(output.success(), "{}{}", output.stdout, output.stderr);
+    assert!(
+        output.stdout.contains(&format!("service: {SERVICE}")),
+        "{}",
+        output.stdout
+    );
+
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "no certificates here\n").unwrap();
+    write_config(&empty);
+    let output = check();
+    assert!(!output.success(), "{}", output.stdout);
+    assert!(output.stderr.contains("auth.token"), "{}", output.stderr);
+}

@@ -126,10 +126,16 @@ pub fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { config },
         } => match load(config, &Overrides::default()) {
-            Some(config) => {
-                print!("{}", config.describe());
-                ExitCode::SUCCESS
-            }
+            Some(config) => match check_token_keys(&config) {
+                Ok(()) => {
+                    print!("{}", config.describe());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("auth.token: {e}");
+                    ExitCode::from(2)
+                }
+            },
             None => ExitCode::from(2),
         },
         Command::Ls(settings) => tool(settings, toolbox::ls),
@@ -206,5 +212,13 @@ fn run(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
             eprintln!("kura: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `auth.token`'s key files must hold usable keys, as `serve` will insist.
+fn check_token_keys(config: &Config) -> Result<(), crate::auth::token::KeyError> {
+    match &config.token {
+        Some(token) => crate::auth::token::TokenAuth::load(token).map(drop),
+        None => Ok(()),
     }
 }
