@@ -1195,6 +1195,22 @@ mod tests {
         );
     }
 
+    /// Twice as many distinct valid tokens as the cache holds, and as
+    /// many refused ones: the cache stays at its bound, refusals leave nothing.
+    #[test]
+    fn a_storm_of_distinct_tokens_leaves_the_cache_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TestKey::new("key", false, None);
+        let auth = TokenAuth::load(&config(dir.path(), &[&key])).unwrap();
+        for i in 0..2 * MAX_CACHED_TOKENS {
+            let mut claims = claims();
+            claims["jti"] = serde_json::json!(i);
+            assert!(accepts(&auth, &key.sign_x5c(&[&key], &claims)));
+            assert!(!accepts(&auth, &format!("{i}.not.valid")));
+        }
+        assert_eq!(auth.lock_cache().len(), MAX_CACHED_TOKENS);
+    }
+
     #[test]
     fn oversized_and_odd_authorization_headers_are_refused_without_panic() {
         let dir = tempfile::tempdir().unwrap();
