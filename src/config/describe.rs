@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 
 use super::{Config, S3Config, S3Encryption, UpstreamConfig};
 
@@ -91,7 +91,7 @@ impl Config {
             ),
         ]);
         root.insert("log".into(), Value::Mapping(log));
-        let mut text = serde_yaml::to_string(&Value::Mapping(root)).unwrap_or_default();
+        let mut text = serde_yaml_ng::to_string(&Value::Mapping(root)).unwrap_or_default();
         if !self.ignored_keys.is_empty() {
             text.push_str("# accepted but ignored: ");
             text.push_str(&self.ignored_keys.join(", "));
@@ -196,7 +196,7 @@ mod tests {
         let text = Config::load(None, env, &Overrides::default())
             .unwrap()
             .describe();
-        let described: Value = serde_yaml::from_str(&text).unwrap();
+        let described: Value = serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(described["storage"]["s3"]["encrypt"], true, "{text}");
         assert_eq!(described["storage"]["s3"]["keyid"], "alias/kura", "{text}");
         assert!(!text.contains("ignored"), "{text}");
@@ -234,7 +234,7 @@ mod tests {
         assert!(text.contains("ttl: 168h"), "{text}");
         assert!(text.contains("responsetimeout: 2500ms"), "{text}");
         assert!(text.contains("maxconnections: 512"), "{text}");
-        let reparsed: Value = serde_yaml::from_str(&text).unwrap();
+        let reparsed: Value = serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(reparsed["proxy"]["username"], "me");
     }
 }

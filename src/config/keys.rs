@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 
 use super::{ConfigError, invalid};
 
@@ -172,7 +172,7 @@ fn collect_leaves(node: &Value, prefix: String, out: &mut Vec<String>) {
             for (key, child) in map {
                 let key = match key {
                     Value::String(s) => s.clone(),
-                    other => serde_yaml::to_string(other)
+                    other => serde_yaml_ng::to_string(other)
                         .unwrap_or_default()
                         .trim()
                         .to_owned(),

@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 
 mod describe;
 mod keys;
@@ -214,7 +214,7 @@ pub enum ConfigError {
     #[error("config file {path} is not valid YAML: {source}")]
     Yaml {
         path: PathBuf,
-        source: serde_yaml::Error,
+        source: serde_yaml_ng::Error,
     },
     #[error("invalid value for {key}: {reason}")]
     Invalid { key: String, reason: String },
@@ -500,7 +500,7 @@ fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    let value: Value = serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml {
+    let value: Value = serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Yaml {
         path: path.to_owned(),
         source,
     })?;
