@@ -121,6 +121,8 @@ fn s3_map(s3: &S3Config) -> Mapping {
     if let Some(S3Encryption::Kms { key_id }) = &s3.encryption {
         entry.insert("keyid".into(), string(key_id));
     }
+    entry.insert("connecttimeout".into(), duration(s3.connect_timeout));
+    entry.insert("responsetimeout".into(), duration(s3.response_timeout));
     entry
 }
 

@@ -76,6 +76,12 @@ pub struct S3Config {
     pub redirect: bool,
     /// `encrypt` and `keyid`: server-side encryption of what Kura writes.
     pub encryption: Option<S3Encryption>,
+    /// `connecttimeout`: TCP + TLS connection setup to the bucket.
+    pub connect_timeout: Duration,
+    /// `responsetimeout`: longest wait for the bucket's answer to one
+    /// request (an upload part included) and between reads of a body, so a
+    /// hung bucket fails requests instead of holding them forever.
+    pub response_timeout: Duration,
 }
 
 /// Server-side encryption as Distribution's S3 driver asks for it.
@@ -379,6 +385,11 @@ pub fn parse_size(key: &str, raw: &str) -> Result<u64, ConfigError> {
     Ok((value * multiplier as f64) as u64)
 }
 
+/// Default `storage.s3.connecttimeout`.
+const S3_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `storage.s3.responsetimeout`: a 5 MiB part at 170 KiB/s.
+const S3_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn read_s3(keys: &mut KeyReader) -> Result<Option<S3Config>, ConfigError> {
     if !keys.exists("storage.s3") {
         return Ok(None);
@@ -410,6 +421,12 @@ fn read_s3(keys: &mut KeyReader) -> Result<Option<S3Config>, ConfigError> {
             .unwrap_or_else(|| "/".to_owned()),
         redirect: !keys.bool("storage.redirect.disable")?.unwrap_or(false),
         encryption: read_s3_encryption(keys)?,
+        connect_timeout: keys
+            .duration("storage.s3.connecttimeout")?
+            .unwrap_or(S3_CONNECT_TIMEOUT),
+        response_timeout: keys
+            .duration("storage.s3.responsetimeout")?
+            .unwrap_or(S3_RESPONSE_TIMEOUT),
     }))
 }
 
