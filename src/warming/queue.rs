@@ -267,9 +267,11 @@ impl Queue {
         };
         let (job, attempts, again) = (entry.job.clone(), entry.attempts, entry.again);
         let retry = match &result {
-            Err(error) if attempts < MAX_ATTEMPTS => {
-                retry_delay(error, self.first_backoff * 2u32.pow(attempts - 1))
-            }
+            Err(error) if attempts < MAX_ATTEMPTS => retry_delay(
+                error,
+                job.origin,
+                self.first_backoff * 2u32.pow(attempts - 1),
+            ),
             _ => None,
         };
         let outcome = match (&result, retry) {
@@ -358,8 +360,10 @@ impl Queue {
 
 /// The wait before the next attempt, or `None` when retrying cannot help:
 /// the upstream said the image does not exist or is not Kura's to read, or
-/// the schedule's budget is spent (its next tick asks again).
-fn retry_delay(error: &anyhow::Error, backoff: Duration) -> Option<Duration> {
+/// the schedule's budget is spent (its next tick asks again). A pushed tag
+/// the upstream does not know yet is retried: Distribution notifies of
+/// the manifest before it writes the tag.
+fn retry_delay(error: &anyhow::Error, origin: Origin, backoff: Duration) -> Option<Duration> {
     if error.chain().any(|cause| cause.is::<BudgetSpent>()) {
         return None;
     }
@@ -367,6 +371,10 @@ fn retry_delay(error: &anyhow::Error, backoff: Duration) -> Option<Duration> {
         .chain()
         .find_map(|cause| cause.downcast_ref::<ApiError>());
     match api {
+        Some(ApiError {
+            code: ErrorCode::ManifestUnknown | ErrorCode::NameUnknown,
+            ..
+        }) if origin == Origin::Event => Some(backoff),
         Some(ApiError {
             code:
                 ErrorCode::ManifestUnknown
@@ -550,7 +558,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unknown_manifest_is_not_retried() {
+    async fn an_unknown_manifest_on_the_schedule_is_not_retried() {
         let runs = Arc::new(AtomicUsize::new(0));
         let counted = runs.clone();
         let run: Runner = Arc::new(move |_job| {
@@ -561,7 +569,10 @@ mod tests {
             })
         });
         let queue = Queue::start(WarmingLimits::default(), run);
-        queue.submit(job("v1"));
+        queue.submit(Job {
+            origin: Origin::Schedule,
+            ..job("v1")
+        });
         settle(&queue, &Notify::new()).await;
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
