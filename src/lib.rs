@@ -10,6 +10,7 @@
 //! - [`reference`]: validation of names, tags and digests.
 //! - [`singleflight`]: one shared fetch (a task with a deadline) per key, for cache and upstream alike.
 //! - [`glob`]: repository and tag globs of access rules and content policy.
+//! - [`warming`]: push events and scheduled sync that warm the cache (and `kura warm`'s core).
 pub mod api;
 pub mod cache;
 pub mod cli;
@@ -25,3 +26,4 @@ pub mod server;
 pub mod singleflight;
 pub mod storage;
 pub mod upstream;
+pub mod warming;

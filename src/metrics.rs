@@ -72,6 +72,13 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// A warming job's state (`queued`, `running`, `retrying`) or outcome
+/// (`done`, `failed`), or what became of a submission or a push event.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WarmLabels {
+    pub state: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -96,6 +103,10 @@ pub struct Metrics {
     pub evicted_blobs: Counter,
     pub evicted_bytes: Counter,
     pub catalog_listings: Counter,
+    pub warm_jobs: Family<WarmLabels, Gauge>,
+    pub warm_jobs_finished: Family<WarmLabels, Counter>,
+    pub warm_submissions: Family<WarmLabels, Counter>,
+    pub warm_events: Family<WarmLabels, Counter>,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -134,6 +145,10 @@ impl Metrics {
             evicted_blobs: Counter::default(),
             evicted_bytes: Counter::default(),
             catalog_listings: Counter::default(),
+            warm_jobs: Family::default(),
+            warm_jobs_finished: Family::default(),
+            warm_submissions: Family::default(),
+            warm_events: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -247,6 +262,26 @@ impl Metrics {
             "catalog_listings",
             "Listings of every repository in storage, for _catalog",
             metrics.catalog_listings.clone(),
+        );
+        r.register(
+            "warm_jobs",
+            "Warming jobs by state: queued, running, retrying (waiting out a backoff)",
+            metrics.warm_jobs.clone(),
+        );
+        r.register(
+            "warm_jobs_finished",
+            "Warming jobs finished, by state: done or failed (after its last attempt)",
+            metrics.warm_jobs_finished.clone(),
+        );
+        r.register(
+            "warm_submissions",
+            "Images submitted for warming, by state: queued, coalesced (already queued or running), dropped (queue full)",
+            metrics.warm_submissions.clone(),
+        );
+        r.register(
+            "warm_events",
+            "Push events received, by state: accepted, ignored (filtered out or not a tag push), unauthorized, invalid",
+            metrics.warm_events.clone(),
         );
         Self {
             registry,

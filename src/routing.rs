@@ -67,6 +67,14 @@ impl Registries {
         labels
     }
 
+    /// The cache of the upstream labelled `label` (its name, or `proxy`).
+    pub fn upstream(&self, label: &str) -> Option<Arc<Cache>> {
+        (self.default.iter())
+            .chain(self.by_name.values())
+            .find(|cache| cache.upstream_label() == label)
+            .cloned()
+    }
+
     pub fn route<'a>(&self, name: &'a str, ns: Option<&str>) -> Result<Routed<'a>, ApiError> {
         if let Some(ns) = ns {
             if let Some(cache) = self.by_name.get(ns) {

@@ -20,6 +20,7 @@ use crate::metrics::metrics;
 use crate::routing::Registries;
 use crate::storage::Storage;
 use crate::upstream::Upstream;
+use crate::warming::Warming;
 
 /// How often the storage gauges are recomputed.
 const USAGE_INTERVAL: Duration = Duration::from_secs(60);
@@ -53,6 +54,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("auth.htpasswd.path: cannot read {}", auth.path.display()))
         })
         .transpose()?;
+    let warming = Warming::start(&config, &registries);
+    // Beside the registry API, outside its htpasswd: push events carry
+    // their own secret (events.secret).
     let app = router(
         registries.clone(),
         storage.clone(),
@@ -60,7 +64,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             access_log: config.log.access_log,
             htpasswd,
         },
-    );
+    )
+    .merge(warming.routes());
     let handle = Handle::new();
     if let Some(addr) = &config.http.debug_addr {
         let listener = bind("http.debug.addr", addr)?;

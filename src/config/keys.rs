@@ -128,6 +128,24 @@ impl<'a> KeyReader<'a> {
         }
     }
 
+    /// A list of strings; a single value (as an environment variable
+    /// sets it) is a list of one.
+    pub fn strings(&mut self, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(Value::Sequence(items)) = self.lookup(key) else {
+            return Ok(self.string(key)?.map(|one| vec![one]));
+        };
+        self.read.insert(key.to_owned());
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s.clone()),
+                Value::Number(n) => Ok(n.to_string()),
+                _ => Err(self.invalid(key, "expected a list of strings")),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
     pub fn bool(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
         match self.string(key)?.as_deref() {
             None => Ok(None),

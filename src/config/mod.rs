@@ -15,6 +15,7 @@ use serde_yaml_ng::{Mapping, Value};
 mod describe;
 mod keys;
 mod upstreams;
+mod warming;
 
 pub use keys::parse_duration;
 use keys::{KeyReader, apply_env_overrides};
@@ -23,6 +24,7 @@ use upstreams::{
     apply_docker_credentials, docker_config_credentials, parse_upstream_url, read_upstream,
     read_upstream_list,
 };
+pub use warming::{UpstreamWarming, WarmFilter, WarmRule, WarmingLimits};
 
 /// Docker Hub's registry API host: what Kura mirrors with no configuration.
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
@@ -52,6 +54,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// `auth.htpasswd`: Basic authentication of clients; `None` = anonymous.
     pub htpasswd: Option<HtpasswdConfig>,
+    /// `warming:`: the warming queue shared by every upstream.
+    pub warming: WarmingLimits,
     /// Paths of configured keys that Kura accepts but does not implement.
     pub ignored_keys: Vec<String>,
 }
@@ -313,6 +317,7 @@ impl Config {
                     .unwrap_or(Duration::from_secs(30)),
             },
             htpasswd: read_htpasswd(keys)?,
+            warming: warming::read_limits(keys)?,
             ignored_keys: ignored_in_list,
         })
     }
