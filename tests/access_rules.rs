@@ -294,7 +294,7 @@ async fn users_pull_what_rules_grant_and_nothing_else() {
     let alpine = format!("{HUB}/library/alpine");
     let busybox = format!("{HUB}/library/busybox");
     let secret = format!("{PRIVATE}/team/secret");
-    assert_eq!(setup.catalog(None).await, [alpine.clone()]);
+    assert_eq!(setup.catalog(None).await, vec![alpine.clone()]);
     assert_eq!(
         setup.catalog(Some(ALICE)).await,
         [alpine.clone(), busybox.clone()]
