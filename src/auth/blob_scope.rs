@@ -8,8 +8,10 @@
 //! repository.
 //!
 //! Confirmations are remembered in a bounded set ([`MAX_CONFIRMATIONS`]
-//! pairs of repository and digest, least recently used forgotten first),
-//! so the layers of an image pulled a moment ago cost nothing.
+//! pairs of repository and digest, least recently used forgotten first);
+//! a manifest found to hold a blob has its other blobs remembered with it
+//! (at most [`MAX_REMEMBERED_PER_IMAGE`]), so the rest of a pull costs
+//! one lookup per blob.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -21,6 +23,10 @@ use crate::reference::{Digest, RepoName};
 /// Repository and digest pairs remembered as confirmed: about 5 MiB at
 /// most with long names, far more than the blobs of the images in use.
 pub const MAX_CONFIRMATIONS: usize = 16_384;
+
+/// Digests of one image remembered when a blob of it is confirmed: its
+/// config and layers, not a giant artifact's every blob.
+const MAX_REMEMBERED_PER_IMAGE: usize = 256;
 
 /// `<registry>/<repository>` and a digest it holds.
 type Confirmation = (String, Digest);
@@ -44,15 +50,16 @@ impl BlobScope {
         if self.recent().touch(&key) {
             return Ok(());
         }
-        let referenced = cache.referenced_in(name).await?;
-        let held = referenced.contains(digest);
-        {
+        if let Some(image) = cache.manifest_holding(name, digest).await? {
+            // The rest of the image is asked for next: remember it too.
             let mut recent = self.recent();
-            for digest in referenced {
+            for digest in image.into_iter().take(MAX_REMEMBERED_PER_IMAGE) {
                 recent.insert((rule_name.to_owned(), digest));
             }
+            recent.insert(key);
+            return Ok(());
         }
-        if held || cache.upstream_has_blob(name, digest).await? {
+        if cache.upstream_has_blob(name, digest).await? {
             self.recent().insert(key);
             return Ok(());
         }

@@ -1,6 +1,6 @@
 //! What a repository is known to hold, for blob scoping (see
-//! [`crate::auth::blob_scope`]): the digests its cached manifests refer
-//! to, or the upstream's word for one blob.
+//! [`crate::auth::blob_scope`]): a cached manifest of it that refers to the
+//! blob, or the upstream's word for the blob.
 
 use std::sync::Arc;
 
@@ -13,30 +13,46 @@ use crate::reference::{Digest, MAX_MANIFEST_BYTES, RepoName};
 /// links a handful (an index and its platforms); past this bound the
 /// upstream is asked instead.
 pub const MAX_SCANNED_MANIFESTS: usize = 64;
+/// The most manifest bytes read per request, all manifests together.
+pub const MAX_SCANNED_BYTES: usize = 16 << 20;
 
 impl Cache {
-    /// The manifests cached for `name` and every digest they refer to
-    /// (config, layers, index children, subject), reading at most
-    /// [`MAX_SCANNED_MANIFESTS`] manifests of at most `MAX_MANIFEST_BYTES`.
-    pub async fn referenced_in(&self, name: &RepoName) -> Result<Vec<Digest>, ApiError> {
+    /// The first manifest cached for `name` that is `digest` or refers to
+    /// it, as every digest it refers to (and itself): what a client pulling
+    /// that image asks for next. Reads at most [`MAX_SCANNED_MANIFESTS`]
+    /// manifests and [`MAX_SCANNED_BYTES`], one at a time.
+    pub async fn manifest_holding(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<Vec<Digest>>, ApiError> {
         let manifests = self
             .storage
             .manifest_digests(name, MAX_SCANNED_MANIFESTS)
             .await
             .map_err(storage_error)?;
-        let mut referenced = Vec::new();
+        let mut budget = MAX_SCANNED_BYTES;
         for manifest in manifests {
-            let bytes = self
-                .storage
-                .read_blob_within(&manifest, MAX_MANIFEST_BYTES)
-                .await
-                .map_err(storage_error)?;
-            if let Some(bytes) = bytes {
-                referenced.extend(References::of(&bytes).all);
+            if budget == 0 {
+                break;
             }
-            referenced.push(manifest);
+            let limit = budget.min(MAX_MANIFEST_BYTES);
+            let Some(bytes) = self
+                .storage
+                .read_blob_within(&manifest, limit)
+                .await
+                .map_err(storage_error)?
+            else {
+                continue;
+            };
+            budget -= bytes.len();
+            let mut held = References::of(&bytes).all;
+            held.push(manifest);
+            if held.contains(digest) {
+                return Ok(Some(held));
+            }
         }
-        Ok(referenced)
+        Ok(None)
     }
 
     /// Whether the upstream says `name` has the blob (one shared `HEAD`);
