@@ -4,6 +4,7 @@
 //! - [`cli`]: the `kura` command line.
 //! - [`config`]: Distribution-compatible YAML + `REGISTRY_*` env + flags.
 //! - [`api`]: the HTTP surface (OCI Distribution read API).
+//! - [`auth`]: who a client is and what it may pull (the one authorization gate).
 //! - [`cache`]: pull-through logic: cache lookups, tag freshness, shared downloads.
 //! - [`upstream`]: the HTTP client for the upstream registry (auth, redirects, timeouts).
 //! - [`storage`]: on-disk layout: content-addressed blobs, staging, tag index.
@@ -12,6 +13,7 @@
 //! - [`glob`]: repository and tag globs of access rules and content policy.
 //! - [`warming`]: push events and scheduled sync that warm the cache (and `kura warm`'s core).
 pub mod api;
+pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod config;

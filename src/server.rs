@@ -10,8 +10,8 @@ use axum::Router;
 use axum_server::Handle;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 
-use crate::api::access::Htpasswd;
 use crate::api::{ApiOptions, ops_router, router};
+use crate::auth::Gate;
 use crate::cache::{Admission, Cache};
 use crate::config::{Config, ConnectionLimits, UpstreamConfig};
 use crate::connections::{PeerAddr, idle_guard, limited_server, listen};
@@ -45,24 +45,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let (registries, admission) = build_registries(&config, &storage)?;
     let registries = Arc::new(registries);
-    let htpasswd = config
-        .htpasswd
-        .as_ref()
-        .map(|auth| {
-            Htpasswd::load(auth)
-                .map(Arc::new)
-                .with_context(|| format!("auth.htpasswd.path: cannot read {}", auth.path.display()))
-        })
-        .transpose()?;
+    let gate = Arc::new(Gate::load(&config).context("auth")?);
     let warming = Warming::start(&config, &registries);
-    // Beside the registry API, outside its htpasswd: push events carry
-    // their own secret (events.secret).
+    // Beside the registry API, outside its gate: push events carry their
+    // own secret (events.secret).
     let app = router(
         registries.clone(),
         storage.clone(),
         ApiOptions {
             access_log: config.log.access_log,
-            htpasswd,
+            gate,
         },
     )
     .merge(warming.routes());

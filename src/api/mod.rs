@@ -1,11 +1,12 @@
 //! The HTTP surface: the read side of the OCI Distribution API.
 //!
-//! Every request goes through [`dispatch`], which recognises the route
+//! Every request goes through [`dispatch`], which establishes who the
+//! client is ([`crate::auth::Gate::identify`]), recognises the route
 //! ([`route`]), validates names/references/digests ([`crate::reference`])
-//! before anything touches storage, and hands over to [`manifests`],
+//! before anything touches storage, asks the gate whether the client may
+//! pull the repository, and only then hands over to [`manifests`],
 //! [`blobs`], [`referrers`] or [`listing`]. Errors are OCI error JSON ([`error`]).
 
-pub mod access;
 pub mod blobs;
 pub mod error;
 pub mod listing;
@@ -21,16 +22,17 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use crate::auth::{Gate, Identity};
 use crate::metrics::{RequestLabels, RouteLabels, metrics};
 use crate::reference::{Digest, DigestError, Reference, RepoName};
-use crate::routing::Registries;
+use crate::routing::{Registries, Routed};
 use crate::storage::Storage;
-use access::Htpasswd;
 use error::{ApiError, ErrorCode};
 use route::Route;
 
@@ -54,28 +56,26 @@ struct AppState {
     registries: Arc<Registries>,
     /// The root view, for `_catalog` across every upstream and readiness.
     storage: Storage,
+    gate: Arc<Gate>,
 }
 
 /// How the registry API is exposed.
 pub struct ApiOptions {
     pub access_log: bool,
-    /// Basic authentication required on `/v2/` when set.
-    pub htpasswd: Option<Arc<Htpasswd>>,
+    /// Who may pull what.
+    pub gate: Arc<Gate>,
 }
 
 /// The registry API plus `/metrics`, `/healthz` and `/readyz`.
 pub fn router(registries: Arc<Registries>, storage: Storage, options: ApiOptions) -> Router {
     let access_log = options.access_log;
-    let htpasswd = options.htpasswd;
     ops_routes()
         .fallback(dispatch)
         .with_state(AppState {
             registries,
             storage,
+            gate: options.gate,
         })
-        .layer(middleware::from_fn(move |request: Request, next: Next| {
-            require_credentials(htpasswd.clone(), request, next)
-        }))
         .layer(middleware::from_fn(add_api_version))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             observe(access_log, request, next)
@@ -87,6 +87,7 @@ pub fn ops_router(registries: Arc<Registries>, storage: Storage) -> Router {
     ops_routes().with_state(AppState {
         registries,
         storage,
+        gate: Arc::new(Gate::open()),
     })
 }
 
@@ -98,17 +99,46 @@ fn ops_routes() -> Router<AppState> {
 }
 
 async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
-    let head = match *request.method() {
+    if !request.uri().path().starts_with("/v2") {
+        return (StatusCode::NOT_FOUND, "404 page not found\n").into_response();
+    }
+    // Only the head is read (the API takes no bodies), and unlike the
+    // request it can be held across awaits.
+    let (head, _) = request.into_parts();
+    let mut response = match state.gate.identify(&head.headers).await {
+        Ok(identity) => dispatch_as(&state, &identity, &head).await,
+        Err(e) => e.into_response(),
+    };
+    // Every 401 is Kura's own and tells the client how to log in.
+    if response.status() == StatusCode::UNAUTHORIZED
+        && let Some(challenge) = state.gate.challenge()
+    {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, challenge);
+    }
+    response
+}
+
+async fn dispatch_as(state: &AppState, identity: &Identity, request: &Parts) -> Response {
+    let head = match request.method {
         Method::GET => false,
         Method::HEAD => true,
-        _ => return unsupported_method(request.uri().path()),
+        _ => return unsupported_method(&state.gate, identity, request.uri.path()),
     };
-    let Some(route) = route::parse(request.uri().path()) else {
-        return (StatusCode::NOT_FOUND, "404 page not found\n").into_response();
+    let Some(route) = route::parse(request.uri.path()) else {
+        return not_found(&state.gate, identity);
     };
-    let query = request.uri().query().unwrap_or("");
+    let query = request.uri.query().unwrap_or("");
     let ns = namespace_param(query);
-    let result = handle(&state, route, head, query, ns.as_deref(), request.headers()).await;
+    let request = ClientRequest {
+        identity,
+        head,
+        query,
+        ns: ns.as_deref(),
+        headers: &request.headers,
+    };
+    let result = handle(state, route, &request).await;
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     // The distribution spec's answer to a request that named its registry.
     if let Some(value) = ns.and_then(|ns| HeaderValue::from_str(&ns).ok()) {
@@ -117,42 +147,86 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     response
 }
 
+/// What a handler needs of a request besides its route.
+struct ClientRequest<'a> {
+    identity: &'a Identity,
+    head: bool,
+    query: &'a str,
+    ns: Option<&'a str>,
+    headers: &'a HeaderMap,
+}
+
+/// Every route that serves content resolves its repository here and asks
+/// the gate ([`Gate::authorize`]) before anything else happens; a blob is
+/// further scoped to repositories that hold it.
 async fn handle(
     state: &AppState,
     route: Route<'_>,
-    head: bool,
-    query: &str,
-    ns: Option<&str>,
-    headers: &HeaderMap,
+    request: &ClientRequest<'_>,
 ) -> Result<Response, ApiError> {
+    let gate = &state.gate;
+    let identity = request.identity;
+    let routed = |name| -> Result<(Routed<'_>, RepoName), ApiError> {
+        let routed = state.registries.route(name, request.ns)?;
+        let repo = parse_name(routed.name)?;
+        gate.authorize(identity, &routed.cache, &repo)?;
+        Ok((routed, repo))
+    };
     match route {
-        Route::Base => Ok(axum::Json(serde_json::json!({})).into_response()),
-        Route::Catalog => listing::catalog(&state.storage, query).await,
+        Route::Base => {
+            gate.check_base(identity)?;
+            Ok(axum::Json(serde_json::json!({})).into_response())
+        }
+        Route::Catalog => {
+            gate.admit(identity)?;
+            let visible = |name: &str| may_list(state, identity, name);
+            listing::catalog(&state.storage, request.query, visible).await
+        }
         Route::Tags { name } => {
-            let routed = state.registries.route(name, ns)?;
-            let repo = parse_name(routed.name)?;
-            listing::tags(&routed.cache, &repo, name, query, ns).await
+            let (routed, repo) = routed(name)?;
+            listing::tags(&routed.cache, &repo, name, request.query, request.ns).await
         }
         Route::Manifest { name, reference } => {
-            let routed = state.registries.route(name, ns)?;
-            let repo = parse_name(routed.name)?;
+            let (routed, repo) = routed(name)?;
             let reference = parse_reference(reference)?;
-            manifests::serve(&routed.cache, &repo, &reference, head, headers).await
+            manifests::serve(
+                &routed.cache,
+                &repo,
+                &reference,
+                request.head,
+                request.headers,
+            )
+            .await
         }
         Route::Blob { name, digest } => {
-            let routed = state.registries.route(name, ns)?;
-            let repo = parse_name(routed.name)?;
+            let (routed, repo) = routed(name)?;
             let digest = parse_digest(digest)?;
-            blobs::serve(&routed.cache, &repo, &digest, head, headers).await
+            gate.scope_blob(&routed.cache, &repo, &digest).await?;
+            blobs::serve(&routed.cache, &repo, &digest, request.head, request.headers).await
         }
         Route::Referrers { name, digest } => {
-            let routed = state.registries.route(name, ns)?;
-            let repo = parse_name(routed.name)?;
+            let (routed, repo) = routed(name)?;
             let digest = parse_digest(digest)?;
-            referrers::serve(&routed.cache, &repo, &digest, query, head).await
+            referrers::serve(&routed.cache, &repo, &digest, request.query, request.head).await
         }
-        Route::Upload => Err(read_only()),
+        Route::Upload => {
+            gate.admit(identity)?;
+            Err(read_only())
+        }
     }
+}
+
+/// Whether `_catalog` shows a stored repository (`ghcr.io/org/app`) to
+/// this client: routed as a request for it would be, then the gate's word.
+fn may_list(state: &AppState, identity: &Identity, name: &str) -> bool {
+    let Ok(routed) = state.registries.route(name, None) else {
+        return false;
+    };
+    RepoName::parse(routed.name).is_some_and(|repo| {
+        state
+            .gate
+            .may_pull(identity, &routed.cache.rule_name(&repo))
+    })
 }
 
 /// containerd's `?ns=<registry>`.
@@ -162,10 +236,23 @@ fn namespace_param(query: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-fn unsupported_method(path: &str) -> Response {
+fn unsupported_method(gate: &Gate, identity: &Identity, path: &str) -> Response {
     match route::parse(path) {
-        Some(_) => read_only().into_response(),
-        None => (StatusCode::NOT_FOUND, "404 page not found\n").into_response(),
+        Some(_) => gate
+            .admit(identity)
+            .err()
+            .unwrap_or_else(read_only)
+            .into_response(),
+        None => not_found(gate, identity),
+    }
+}
+
+/// Not a registry route under `/v2`; a client that could not see anything
+/// here is asked to log in first.
+fn not_found(gate: &Gate, identity: &Identity) -> Response {
+    match gate.admit(identity) {
+        Ok(()) => (StatusCode::NOT_FOUND, "404 page not found\n").into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -283,38 +370,6 @@ fn route_label(path: &str) -> &'static str {
             _ => "other",
         },
     }
-}
-
-/// With `auth.htpasswd`, the registry API needs valid Basic credentials;
-/// health and metrics stay open for probes and scrapers. Without it,
-/// whatever `Authorization` a client sends (Docker sends its Hub
-/// credentials to mirrors) is ignored.
-async fn require_credentials(
-    htpasswd: Option<Arc<Htpasswd>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Some(htpasswd) = htpasswd else {
-        return next.run(request).await;
-    };
-    if !request.uri().path().starts_with("/v2") {
-        return next.run(request).await;
-    }
-    if htpasswd
-        .authorize(request.headers().get(header::AUTHORIZATION))
-        .await
-    {
-        return next.run(request).await;
-    }
-    let mut response =
-        ApiError::new(ErrorCode::Unauthorized, "authentication required").into_response();
-    let challenge = format!("Basic realm=\"{}\"", htpasswd.realm.replace('"', ""));
-    if let Ok(value) = HeaderValue::from_str(&challenge) {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, value);
-    }
-    response
 }
 
 /// Builds a response with the headers of a manifest or blob and an

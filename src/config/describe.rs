@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_yaml_ng::{Mapping, Value};
 
-use super::{Config, S3Config, S3Encryption, UpstreamConfig};
+use super::{AccessConfig, Config, S3Config, S3Encryption, UpstreamConfig};
 
 const MASK: &str = "***";
 
@@ -69,15 +69,19 @@ impl Config {
                 .collect();
             root.insert("upstreams".into(), Value::Sequence(list));
         }
+        let mut auth = Mapping::new();
         if let Some(htpasswd) = &self.htpasswd {
-            let auth = map([
+            let htpasswd = map([
                 ("realm", string(&htpasswd.realm)),
                 ("path", string(htpasswd.path.display())),
             ]);
-            root.insert(
-                "auth".into(),
-                Value::Mapping(map([("htpasswd", Value::Mapping(auth))])),
-            );
+            auth.insert("htpasswd".into(), Value::Mapping(htpasswd));
+        }
+        if let Some(access) = &self.access {
+            access_entries(access, &mut auth);
+        }
+        if !auth.is_empty() {
+            root.insert("auth".into(), Value::Mapping(auth));
         }
         let log = map([
             ("level", string(&self.log.level)),
@@ -98,6 +102,28 @@ impl Config {
             text.push('\n');
         }
         text
+    }
+}
+
+/// `auth.rules` and `auth.groups`: each file's path and, as `effective`,
+/// what Kura read from it.
+fn access_entries(access: &AccessConfig, auth: &mut Mapping) {
+    let rules = map([
+        ("path", string(access.rules_path.display())),
+        ("effective", access.rules.describe()),
+    ]);
+    auth.insert("rules".into(), Value::Mapping(rules));
+    if let (Some(path), Some(groups)) = (&access.groups_path, &access.groups) {
+        let members = groups
+            .members()
+            .into_iter()
+            .map(|(group, users)| (Value::from(group), Value::from(users)))
+            .collect();
+        let groups = map([
+            ("path", string(path.display())),
+            ("effective", Value::Mapping(members)),
+        ]);
+        auth.insert("groups".into(), Value::Mapping(groups));
     }
 }
 
@@ -238,5 +264,52 @@ mod tests {
         assert!(text.contains("maxconnections: 512"), "{text}");
         let reparsed: Value = serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(reparsed["proxy"]["username"], "me");
+    }
+
+    #[test]
+    fn checks_and_shows_the_effective_access_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules.yml");
+        let groups = dir.path().join("groups");
+        std::fs::write(
+            &rules,
+            "rules:\n  - groups: [ops]\n    pull: [\"docker.io/library/*\"]\n",
+        )
+        .unwrap();
+        std::fs::write(&groups, "ops: alice, bob\n").unwrap();
+        let config = dir.path().join("kura.yml");
+        let yaml = format!(
+            "auth:\n  rules:\n    path: {}\n  groups:\n    path: {}\n",
+            rules.display(),
+            groups.display()
+        );
+        std::fs::write(&config, &yaml).unwrap();
+        let load = || Config::load(Some(&config), [], &Overrides::default());
+        let text = load().unwrap().describe();
+        let described: Value = serde_yaml_ng::from_str(&text).unwrap();
+        let effective = &described["auth"]["rules"]["effective"][0];
+        assert_eq!(effective["groups"][0], "ops", "{text}");
+        assert_eq!(effective["pull"][0], "docker.io/library/*", "{text}");
+        assert_eq!(described["auth"]["groups"]["effective"]["ops"][1], "bob");
+        assert!(!text.contains("ignored"), "{text}");
+
+        std::fs::write(&rules, "rules:\n  - users: [a]\n    pull: [\"x/[\"]\n").unwrap();
+        let error = load().unwrap_err().to_string();
+        assert!(
+            error.contains("auth.rules.path") && error.contains("rules[0]"),
+            "{error}"
+        );
+        for (yaml, key) in [
+            ("auth:\n  rules:\n    - users: [a]\n", "auth.rules.path"),
+            ("auth:\n  groups:\n    path: /g\n", "auth.groups.path"),
+            (
+                "auth:\n  rules:\n    path: /nonexistent/rules.yml\n",
+                "auth.rules.path",
+            ),
+        ] {
+            std::fs::write(&config, yaml).unwrap();
+            let error = load().unwrap_err().to_string();
+            assert!(error.contains(key), "{yaml}: {error}");
+        }
     }
 }

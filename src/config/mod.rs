@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use serde_yaml_ng::{Mapping, Value};
 
+use crate::auth::groups::Groups;
+use crate::auth::rules::Rules;
+
 mod describe;
 mod keys;
 mod upstreams;
@@ -56,6 +59,9 @@ pub struct Config {
     pub htpasswd: Option<HtpasswdConfig>,
     /// `warming:`: the warming queue shared by every upstream.
     pub warming: WarmingLimits,
+    /// `auth.rules` and `auth.groups`: who may pull what; `None` = anyone
+    /// who passes authentication pulls everything.
+    pub access: Option<AccessConfig>,
     /// Paths of configured keys that Kura accepts but does not implement.
     pub ignored_keys: Vec<String>,
 }
@@ -163,6 +169,18 @@ pub struct TlsConfig {
 pub struct HtpasswdConfig {
     pub realm: String,
     pub path: PathBuf,
+}
+
+/// Kura's access rules: files re-read when they change, parsed here too
+/// so that a broken one stops startup and `kura config check` shows them.
+#[derive(Debug, Clone)]
+pub struct AccessConfig {
+    /// `auth.rules.path`.
+    pub rules_path: PathBuf,
+    pub rules: Rules,
+    /// `auth.groups.path`.
+    pub groups_path: Option<PathBuf>,
+    pub groups: Option<Groups>,
 }
 
 /// Security-relevant Distribution keys Kura does not implement: ignoring
@@ -318,6 +336,7 @@ impl Config {
             },
             htpasswd: read_htpasswd(keys)?,
             warming: warming::read_limits(keys)?,
+            access: read_access(keys)?,
             ignored_keys: ignored_in_list,
         })
     }
@@ -515,6 +534,51 @@ fn read_htpasswd(keys: &mut KeyReader) -> Result<Option<HtpasswdConfig>, ConfigE
         )),
         (None, None) => Ok(None),
     }
+}
+
+fn read_access(keys: &mut KeyReader) -> Result<Option<AccessConfig>, ConfigError> {
+    let rules_path = keys.string("auth.rules.path")?;
+    let groups_path = keys.string("auth.groups.path")?;
+    // Anything else under these keys (rules written inline) would be
+    // ignored, leaving everything open: refused instead.
+    for (key, path) in [("auth.rules", &rules_path), ("auth.groups", &groups_path)] {
+        if keys.exists(key) && path.is_none() {
+            return Err(invalid(
+                &format!("{key}.path"),
+                format!("{key} takes a path to its own file, re-read when it changes"),
+            ));
+        }
+    }
+    let Some(rules_path) = rules_path else {
+        return match groups_path {
+            Some(_) => Err(invalid(
+                "auth.groups.path",
+                "only used with auth.rules.path",
+            )),
+            None => Ok(None),
+        };
+    };
+    let rules = read_parsed("auth.rules.path", &rules_path, Rules::parse)?;
+    let groups = groups_path
+        .as_ref()
+        .map(|path| read_parsed("auth.groups.path", path, Groups::parse))
+        .transpose()?;
+    Ok(Some(AccessConfig {
+        rules_path: rules_path.into(),
+        rules,
+        groups_path: groups_path.map(PathBuf::from),
+        groups,
+    }))
+}
+
+fn read_parsed<T>(
+    key: &str,
+    path: &str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {path}: {e}")))?;
+    parse(&text).map_err(|reason| invalid(key, format!("{path}: {reason}")))
 }
 
 fn read_yaml(path: &Path) -> Result<Value, ConfigError> {

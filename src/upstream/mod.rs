@@ -121,6 +121,9 @@ pub struct ManifestMeta {
 pub struct Upstream {
     /// The registry name, or `proxy` for the default upstream (metrics, logs).
     label: String,
+    /// The registry as access rules name it: the configured name, else
+    /// `docker.io` for Docker Hub, else the remote URL's host (and port).
+    rule_registry: String,
     base: Url,
     http: reqwest::Client,
     auth: Authenticator,
@@ -212,6 +215,12 @@ impl Upstream {
         });
         let docker_hub = config.is_docker_hub();
         let label = config.name.clone().unwrap_or_else(|| "proxy".to_owned());
+        let rule_registry = match (&config.name, docker_hub) {
+            (Some(name), _) => name.clone(),
+            (None, true) => "docker.io".to_owned(),
+            // The default upstream's first alias is its host (and port).
+            (None, false) => config.aliases().swap_remove(0),
+        };
         Ok(Self {
             base: config.url.clone(),
             auth: Authenticator::new(
@@ -222,6 +231,7 @@ impl Upstream {
             ),
             courtesy: Courtesy::new(config.max_connections, &label),
             label,
+            rule_registry,
             http,
             docker_hub,
             response_timeout: config.response_timeout,
@@ -231,6 +241,12 @@ impl Upstream {
 
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// `<registry>/<repository>` as access rules match it, the repository
+    /// as the upstream knows it (`docker.io/library/alpine` for `alpine`).
+    pub fn rule_name(&self, name: &RepoName) -> String {
+        format!("{}/{}", self.rule_registry, self.upstream_name(name))
     }
 
     /// The longest a shared fetch of metadata (a tag revalidation: HEAD,
