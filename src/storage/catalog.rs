@@ -67,11 +67,12 @@ impl Catalog {
         self.state.lock().expect("catalog lock")
     }
 
-    /// A page of the cached names, if the listing is recent enough.
-    pub fn fresh_page(&self, n: Option<usize>, last: Option<&str>) -> Option<Page> {
+    /// A page of the cached names containing `filter` (`""`: all), if
+    /// the listing is recent enough.
+    pub fn fresh_page(&self, filter: &str, n: Option<usize>, last: Option<&str>) -> Option<Page> {
         let state = self.state();
         let fresh = state.listed_at.is_some_and(|at| at.elapsed() < REFRESH);
-        fresh.then(|| page(&state.names, n, last))
+        fresh.then(|| page(&state.names, filter, n, last))
     }
 
     /// Runs `list` unless a listing is under way already (then joins it),
@@ -135,10 +136,12 @@ impl Catalog {
 }
 
 /// Paging as the distribution spec defines it: names after `last`, at most
-/// `n` of them.
-pub fn page(names: &BTreeSet<String>, n: Option<usize>, last: Option<&str>) -> Page {
+/// `n` of them; only those containing `filter` (the dashboard's search).
+pub fn page(names: &BTreeSet<String>, filter: &str, n: Option<usize>, last: Option<&str>) -> Page {
     let after = last.map_or(Bound::Unbounded, Bound::Excluded);
-    let mut rest = names.range::<str, _>((after, Bound::Unbounded));
+    let mut rest = names
+        .range::<str, _>((after, Bound::Unbounded))
+        .filter(|name| name.contains(filter));
     let take = n.unwrap_or(usize::MAX);
     let items: Vec<String> = rest.by_ref().take(take).cloned().collect();
     Page {
@@ -158,20 +161,25 @@ mod tests {
     #[test]
     fn pages_follow_last_and_n() {
         let all = names(&["a", "b/c", "d"]);
-        let first = page(&all, Some(2), None);
+        let first = page(&all, "", Some(2), None);
         assert_eq!(
             (first.items.as_slice(), first.more),
             (&["a".to_owned(), "b/c".to_owned()][..], true)
         );
-        let rest = page(&all, Some(2), Some("b/c"));
+        let rest = page(&all, "", Some(2), Some("b/c"));
         assert_eq!((rest.items, rest.more), (vec!["d".to_owned()], false));
-        assert!(page(&all, Some(0), None).items.is_empty());
+        assert!(page(&all, "", Some(0), None).items.is_empty());
+        let matching = page(&all, "c", Some(1), None);
+        assert_eq!(
+            (matching.items, matching.more),
+            (vec!["b/c".to_owned()], false)
+        );
     }
 
     #[tokio::test]
     async fn a_noted_repository_shows_at_once_and_one_noted_while_listing_is_kept() {
         let catalog = Arc::new(Catalog::default());
-        assert!(catalog.fresh_page(None, None).is_none(), "never listed");
+        assert!(catalog.fresh_page("", None, None).is_none(), "never listed");
         catalog.note("early");
         let during = Arc::clone(&catalog);
         let listed = catalog
@@ -183,9 +191,9 @@ mod tests {
             .unwrap();
         assert_eq!(*listed, names(&["during", "listed"]));
         catalog.note("after");
-        let page = catalog.fresh_page(None, None).expect("fresh");
+        let page = catalog.fresh_page("", None, None).expect("fresh");
         assert_eq!(page.items, ["after", "during", "listed"]);
         catalog.invalidate();
-        assert!(catalog.fresh_page(None, None).is_none());
+        assert!(catalog.fresh_page("", None, None).is_none());
     }
 }

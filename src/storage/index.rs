@@ -281,7 +281,17 @@ impl Storage {
     /// A page of [`Storage::list_repositories`], from the in-memory
     /// catalog while it is fresh, else after one (shared) listing.
     pub async fn catalog_page(&self, n: Option<usize>, last: Option<&str>) -> io::Result<Page> {
-        if let Some(page) = self.catalog.fresh_page(n, last) {
+        self.catalog_search("", n, last).await
+    }
+
+    /// [`Storage::catalog_page`] of the names containing `filter`.
+    pub async fn catalog_search(
+        &self,
+        filter: &str,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> io::Result<Page> {
+        if let Some(page) = self.catalog.fresh_page(filter, n, last) {
             return Ok(page);
         }
         let storage = self.clone();
@@ -295,7 +305,7 @@ impl Storage {
             })
             .await
             .map_err(io::Error::other)?;
-        Ok(catalog::page(&listing, n, last))
+        Ok(catalog::page(&listing, filter, n, last))
     }
 
     /// Tags of a link's repository that point at the link's manifest.
