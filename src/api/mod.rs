@@ -26,6 +26,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use crate::dashboard::{self, Dashboard};
 use crate::metrics::{RequestLabels, RouteLabels, metrics};
 use crate::reference::{Digest, DigestError, Reference, RepoName};
 use crate::routing::Registries;
@@ -59,11 +60,14 @@ struct AppState {
 /// How the registry API is exposed.
 pub struct ApiOptions {
     pub access_log: bool,
-    /// Basic authentication required on `/v2/` when set.
+    /// Basic authentication required on everything but the probes and
+    /// `/metrics` when set.
     pub htpasswd: Option<Arc<Htpasswd>>,
+    /// The page at `/` and its JSON API.
+    pub dashboard: Arc<Dashboard>,
 }
 
-/// The registry API plus `/metrics`, `/healthz` and `/readyz`.
+/// The registry API plus the dashboard, `/metrics`, `/healthz` and `/readyz`.
 pub fn router(registries: Arc<Registries>, storage: Storage, options: ApiOptions) -> Router {
     let access_log = options.access_log;
     let htpasswd = options.htpasswd;
@@ -73,6 +77,7 @@ pub fn router(registries: Arc<Registries>, storage: Storage, options: ApiOptions
             registries,
             storage,
         })
+        .merge(dashboard::routes(options.dashboard))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             require_credentials(htpasswd.clone(), request, next)
         }))
@@ -280,13 +285,16 @@ fn route_label(path: &str) -> &'static str {
         None => match path {
             "/metrics" => "metrics",
             "/healthz" | "/readyz" => "health",
+            "/" => "dashboard",
+            _ if path.starts_with("/kura/") => "dashboard",
             _ => "other",
         },
     }
 }
 
-/// With `auth.htpasswd`, the registry API needs valid Basic credentials;
-/// health and metrics stay open for probes and scrapers. Without it,
+/// With `auth.htpasswd`, the registry API and the dashboard need valid
+/// Basic credentials; health and metrics stay open for probes and
+/// scrapers. Without it,
 /// whatever `Authorization` a client sends (Docker sends its Hub
 /// credentials to mirrors) is ignored.
 async fn require_credentials(
@@ -297,7 +305,7 @@ async fn require_credentials(
     let Some(htpasswd) = htpasswd else {
         return next.run(request).await;
     };
-    if !request.uri().path().starts_with("/v2") {
+    if is_open(request.uri().path()) {
         return next.run(request).await;
     }
     if htpasswd
@@ -315,6 +323,11 @@ async fn require_credentials(
             .insert(header::WWW_AUTHENTICATE, value);
     }
     response
+}
+
+/// The paths no credentials are asked for: the probes and the scrape.
+fn is_open(path: &str) -> bool {
+    matches!(path, "/metrics" | "/healthz" | "/readyz")
 }
 
 /// Builds a response with the headers of a manifest or blob and an
