@@ -281,10 +281,17 @@ impl Storage {
     /// A page of [`Storage::list_repositories`], from the in-memory
     /// catalog while it is fresh, else after one (shared) listing.
     pub async fn catalog_page(&self, n: Option<usize>, last: Option<&str>) -> io::Result<Page> {
-        self.catalog_search("", n, last).await
+        if let Some(page) = self.catalog.fresh_page("", n, last) {
+            return Ok(page);
+        }
+        let listing = self.relist_catalog().await?;
+        Ok(catalog::page(&listing, "", n, last))
     }
 
-    /// [`Storage::catalog_page`] of the names containing `filter`.
+    /// For the dashboard: a page of the names containing `filter` from
+    /// the last listing however old, while a new one (shared, one at a
+    /// time) runs in the background; only with no listing kept at all
+    /// does it wait for one.
     pub async fn catalog_search(
         &self,
         filter: &str,
@@ -294,9 +301,20 @@ impl Storage {
         if let Some(page) = self.catalog.fresh_page(filter, n, last) {
             return Ok(page);
         }
+        if let Some(page) = self.catalog.kept_page(filter, n, last) {
+            let storage = self.clone();
+            tokio::spawn(async move { storage.relist_catalog().await });
+            return Ok(page);
+        }
+        let listing = self.relist_catalog().await?;
+        Ok(catalog::page(&listing, filter, n, last))
+    }
+
+    /// Lists every repository into the catalog (joining a listing under
+    /// way).
+    async fn relist_catalog(&self) -> io::Result<catalog::Names> {
         let storage = self.clone();
-        let listing = self
-            .catalog
+        self.catalog
             .relist(async move {
                 let links = storage.list_manifest_links().await;
                 links
@@ -304,8 +322,7 @@ impl Storage {
                     .map_err(|e| e.to_string())
             })
             .await
-            .map_err(io::Error::other)?;
-        Ok(catalog::page(&listing, filter, n, last))
+            .map_err(io::Error::other)
     }
 
     /// Tags of a link's repository that point at the link's manifest.

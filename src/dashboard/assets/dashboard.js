@@ -106,7 +106,8 @@ async function drawCache() {
     : "none yet";
   document.getElementById("cache").replaceChildren(el("div", { class: "facts" },
     el("div", { id: "cache-size", "data-bytes": c.bytes }, el("b", {}, bytes(c.bytes) + (c.max_bytes ? " of " + bytes(c.max_bytes) : "")),
-      fill === null ? el("span", { class: "muted" }, "no cache.maxsize") : el("span", { class: "bar" }, el("span", { style: "width:" + fill.toFixed(1) + "%" }))),
+      fill === null ? el("span", { class: "muted" }, "no cache.maxsize") : el("span", { class: "bar" }, el("span", { style: "width:" + fill.toFixed(1) + "%" })),
+      el("div", { class: "muted" }, "measured every minute")),
     el("div", { id: "cache-objects" }, el("b", {}, c.objects), "objects"),
     el("div", { id: "cache-downloads" }, el("b", {}, c.downloads.running + " running, " + c.downloads.waiting + " waiting"), "downloads"),
     el("div", { id: "cache-gc" }, el("b", {}, collection), "last collection (evicted so far: " + c.evicted.blobs + " blobs, " + bytes(c.evicted.bytes) + ")")));
