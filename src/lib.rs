@@ -5,6 +5,7 @@
 //! - [`config`]: Distribution-compatible YAML + `REGISTRY_*` env + flags.
 //! - [`api`]: the HTTP surface (OCI Distribution read API).
 //! - [`auth`]: who a client is and what it may pull (the one authorization gate).
+//! - [`dashboard`]: the page at `/` and its JSON API under `/kura/api/v1/`.
 //! - [`cache`]: pull-through logic: cache lookups, tag freshness, shared downloads.
 //! - [`upstream`]: the HTTP client for the upstream registry (auth, redirects, timeouts).
 //! - [`storage`]: on-disk layout: content-addressed blobs, staging, tag index.
@@ -18,6 +19,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod dashboard;
 pub mod gc;
 pub mod glob;
 pub mod logging;

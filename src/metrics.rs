@@ -29,7 +29,9 @@ pub struct RouteLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LookupLabels {
-    /// `manifest` or `blob`.
+    /// The configured upstream label (`proxy` or a registry name).
+    pub upstream: String,
+    /// `manifest`, `blob` or `referrers`.
     pub kind: &'static str,
     /// `hit`, `miss` or `stale`.
     pub outcome: &'static str,
@@ -37,6 +39,8 @@ pub struct LookupLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
+    /// The configured upstream label (`proxy` or a registry name).
+    pub upstream: String,
     /// `cache` (committed blob) or `download` (followed a live download).
     pub source: &'static str,
 }
@@ -164,7 +168,7 @@ impl Metrics {
         );
         r.register(
             "cache_lookups",
-            "Manifest and blob lookups: hit, miss or stale",
+            "Manifest, blob and referrers lookups by upstream: hit, miss or stale",
             metrics.lookups.clone(),
         );
         r.register(
@@ -174,7 +178,7 @@ impl Metrics {
         );
         r.register(
             "blob_bytes_served",
-            "Blob bytes sent to clients, by source",
+            "Blob bytes sent to clients, by upstream and source",
             metrics.blob_bytes_served.clone(),
         );
         r.register(
@@ -297,9 +301,30 @@ impl Metrics {
         out
     }
 
-    pub fn lookup(&self, kind: &'static str, outcome: &'static str) {
+    pub fn lookup(&self, upstream: &str, kind: &'static str, outcome: &'static str) {
         self.lookups
-            .get_or_create(&LookupLabels { kind, outcome })
+            .get_or_create(&LookupLabels {
+                upstream: upstream.to_owned(),
+                kind,
+                outcome,
+            })
             .inc();
+    }
+
+    /// A counter of `family` read without creating its series (0 if it
+    /// was never touched), for the dashboard.
+    pub fn count<L>(family: &Family<L, Counter>, labels: &L) -> u64
+    where
+        L: Clone + std::hash::Hash + Eq,
+    {
+        family.get(labels).map_or(0, |c| c.get())
+    }
+
+    /// A gauge of `family`, `None` if it was never set.
+    pub fn gauge<L>(family: &Family<L, Gauge>, labels: &L) -> Option<i64>
+    where
+        L: Clone + std::hash::Hash + Eq,
+    {
+        family.get(labels).map(|g| g.get())
     }
 }

@@ -64,11 +64,16 @@ pub struct ApiOptions {
     pub access_log: bool,
     /// Who may pull what.
     pub gate: Arc<Gate>,
+    /// Pages beside the registry API (the dashboard, the warming status),
+    /// behind the same login; their handlers find the client's
+    /// [`Identity`] in the request's extensions.
+    pub pages: Router,
 }
 
-/// The registry API plus `/metrics`, `/healthz` and `/readyz`.
+/// The registry API plus the pages, `/metrics`, `/healthz` and `/readyz`.
 pub fn router(registries: Arc<Registries>, storage: Storage, options: ApiOptions) -> Router {
     let access_log = options.access_log;
+    let gate = options.gate.clone();
     ops_routes()
         .fallback(dispatch)
         .with_state(AppState {
@@ -76,6 +81,10 @@ pub fn router(registries: Arc<Registries>, storage: Storage, options: ApiOptions
             storage,
             gate: options.gate,
         })
+        .merge(options.pages)
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            require_login(gate.clone(), request, next)
+        }))
         .layer(middleware::from_fn(add_api_version))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             observe(access_log, request, next)
@@ -105,13 +114,17 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     // Only the head is read (the API takes no bodies), and unlike the
     // request it can be held across awaits.
     let (head, _) = request.into_parts();
-    let mut response = match state.gate.identify(&head.headers).await {
+    let response = match state.gate.identify(&head.headers).await {
         Ok(identity) => dispatch_as(&state, &identity, &head).await,
         Err(e) => e.into_response(),
     };
-    // Every 401 is Kura's own and tells the client how to log in.
+    with_challenge(&state.gate, response)
+}
+
+/// Every 401 is Kura's own and tells the client how to log in.
+fn with_challenge(gate: &Gate, mut response: Response) -> Response {
     if response.status() == StatusCode::UNAUTHORIZED
-        && let Some(challenge) = state.gate.challenge()
+        && let Some(challenge) = gate.challenge()
     {
         response
             .headers_mut()
@@ -179,7 +192,7 @@ async fn handle(
         }
         Route::Catalog => {
             gate.admit(identity)?;
-            let visible = |name: &str| may_list(state, identity, name);
+            let visible = |name: &str| gate.may_see(&state.registries, identity, name);
             listing::catalog(&state.storage, request.query, visible).await
         }
         Route::Tags { name } => {
@@ -214,19 +227,6 @@ async fn handle(
             Err(read_only())
         }
     }
-}
-
-/// Whether `_catalog` shows a stored repository (`ghcr.io/org/app`) to
-/// this client: routed as a request for it would be, then the gate's word.
-fn may_list(state: &AppState, identity: &Identity, name: &str) -> bool {
-    let Ok(routed) = state.registries.route(name, None) else {
-        return false;
-    };
-    RepoName::parse(routed.name).is_some_and(|repo| {
-        state
-            .gate
-            .may_pull(identity, &routed.cache.rule_name(&repo))
-    })
 }
 
 /// containerd's `?ns=<registry>`.
@@ -367,8 +367,32 @@ fn route_label(path: &str) -> &'static str {
         None => match path {
             "/metrics" => "metrics",
             "/healthz" | "/readyz" => "health",
+            "/" => "dashboard",
+            _ if path.starts_with("/kura/") => "dashboard",
             _ => "other",
         },
+    }
+}
+
+/// Pages beside the registry API need what `/v2/` needs: a login, where
+/// logins exist. The registry API decides per route in [`dispatch`]; the
+/// probes and the scrape stay open (as on Distribution's debug listener:
+/// no repository names reach metric labels).
+async fn require_login(gate: Arc<Gate>, mut request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if path.starts_with("/v2") || matches!(path, "/metrics" | "/healthz" | "/readyz") {
+        return next.run(request).await;
+    }
+    let identity = gate
+        .identify(request.headers())
+        .await
+        .and_then(|identity| gate.check_base(&identity).map(|()| identity));
+    match identity {
+        Ok(identity) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Err(e) => with_challenge(&gate, e.into_response()),
     }
 }
 

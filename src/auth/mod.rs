@@ -35,6 +35,7 @@ use crate::api::error::{ApiError, ErrorCode};
 use crate::cache::Cache;
 use crate::config::{AccessConfig, Config};
 use crate::reference::{Digest, RepoName};
+use crate::routing::Registries;
 use blob_scope::BlobScope;
 use groups::Groups;
 use htpasswd::Htpasswd;
@@ -140,6 +141,17 @@ impl Gate {
             Some(access) => access.rules.current().may_pull(identity, repository),
             None => identity.user.is_some() || !self.logins(),
         }
+    }
+
+    /// Whether a listing (`_catalog`, the dashboard) shows a stored
+    /// repository (`ghcr.io/org/app`) to this client: routed as a request
+    /// for it would be, then [`Self::may_pull`].
+    pub fn may_see(&self, registries: &Registries, identity: &Identity, name: &str) -> bool {
+        let Ok(routed) = registries.route(name, None) else {
+            return false;
+        };
+        RepoName::parse(routed.name)
+            .is_some_and(|repo| self.may_pull(identity, &routed.cache.rule_name(&repo)))
     }
 
     /// [`Self::may_pull`] for a routed repository, as the client's answer:

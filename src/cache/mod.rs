@@ -87,6 +87,17 @@ impl Cache {
     pub fn rule_name(&self, name: &RepoName) -> String {
         self.upstream.rule_name(name)
     }
+
+    /// The upstream's requests, failures and last failure.
+    pub fn upstream_health(&self) -> crate::upstream::health::HealthSnapshot {
+        self.upstream.health()
+    }
+
+    /// At most `limit` of this cache's downloads in flight, and how many
+    /// there are.
+    pub fn downloads_snapshot(&self, limit: usize) -> (Vec<download::DownloadStatus>, usize) {
+        self.downloads.snapshot(limit)
+    }
 }
 
 /// Translates an upstream failure into what the client is told.

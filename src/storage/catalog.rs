@@ -30,7 +30,8 @@ pub const MAX_REPOSITORIES: usize = 100_000;
 /// How long one listing may run before its waiters get an error.
 const LISTING_DEADLINE: Duration = Duration::from_secs(120);
 
-pub type Listing = Result<Arc<BTreeSet<String>>, String>;
+pub type Names = Arc<BTreeSet<String>>;
+pub type Listing = Result<Names, String>;
 
 #[derive(Default)]
 struct State {
@@ -78,6 +79,20 @@ impl Catalog {
         let state = self.state();
         let fresh = state.listed_at.is_some_and(|at| at.elapsed() < REFRESH);
         fresh.then(|| page(&state.names, n, last, visible))
+    }
+
+    /// A page of the kept names however old the listing (the dashboard
+    /// shows it while a new listing runs); `None` with none kept (never
+    /// listed, or more names than the bound).
+    pub fn kept_page(
+        &self,
+        n: Option<usize>,
+        last: Option<&str>,
+        visible: impl Fn(&str) -> bool,
+    ) -> Option<Page> {
+        let state = self.state();
+        let kept = state.listed_at.is_some() || !state.names.is_empty();
+        kept.then(|| page(&state.names, n, last, visible))
     }
 
     /// Runs `list` unless a listing is under way already (then joins it),
@@ -228,5 +243,9 @@ mod tests {
         assert_eq!(page.items, ["after", "during", "listed"]);
         catalog.invalidate();
         assert!(catalog.fresh_page(None, None, |_| true).is_none());
+        let kept = catalog
+            .kept_page(None, None, |_| true)
+            .expect("kept for the dashboard");
+        assert_eq!(kept.items, ["after", "during", "listed"]);
     }
 }

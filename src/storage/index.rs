@@ -304,9 +304,37 @@ impl Storage {
         if let Some(page) = self.catalog.fresh_page(n, last, &visible) {
             return Ok(page);
         }
+        let listing = self.relist_catalog().await?;
+        Ok(catalog::page(&listing, n, last, visible))
+    }
+
+    /// For the dashboard: a page of the names `visible` accepts from the
+    /// last listing however old, while a new one (shared, one at a time)
+    /// runs in the background; only with no listing kept at all does it
+    /// wait for one.
+    pub async fn catalog_search(
+        &self,
+        n: Option<usize>,
+        last: Option<&str>,
+        visible: impl Fn(&str) -> bool,
+    ) -> io::Result<Page> {
+        if let Some(page) = self.catalog.fresh_page(n, last, &visible) {
+            return Ok(page);
+        }
+        if let Some(page) = self.catalog.kept_page(n, last, &visible) {
+            let storage = self.clone();
+            tokio::spawn(async move { storage.relist_catalog().await });
+            return Ok(page);
+        }
+        let listing = self.relist_catalog().await?;
+        Ok(catalog::page(&listing, n, last, visible))
+    }
+
+    /// Lists every repository into the catalog (joining a listing under
+    /// way).
+    async fn relist_catalog(&self) -> io::Result<catalog::Names> {
         let storage = self.clone();
-        let listing = self
-            .catalog
+        self.catalog
             .relist(async move {
                 let links = storage.list_manifest_links().await;
                 links
@@ -314,8 +342,7 @@ impl Storage {
                     .map_err(|e| e.to_string())
             })
             .await
-            .map_err(io::Error::other)?;
-        Ok(catalog::page(&listing, n, last, visible))
+            .map_err(io::Error::other)
     }
 
     /// Tags of a link's repository that point at the link's manifest.

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod courtesy;
+pub mod health;
 mod link;
 mod ratelimit;
 pub mod referrers;
@@ -104,6 +105,15 @@ impl UpstreamError {
         }
     }
 
+    /// Why no answer came (for an [`UpstreamError::Unreachable`]), else
+    /// what kind of answer it was.
+    fn reason(&self) -> &str {
+        match self {
+            UpstreamError::Unreachable(reason) | UpstreamError::Unusable(reason) => reason,
+            UpstreamError::Status { .. } => "an error status",
+        }
+    }
+
     /// Whether the upstream said "this does not exist" (as opposed to
     /// failing): the one case where cached state should be forgotten.
     pub fn is_not_found(&self) -> bool {
@@ -131,6 +141,7 @@ pub struct Upstream {
     response_timeout: Duration,
     idle_timeout: Duration,
     courtesy: Courtesy,
+    health: health::Health,
 }
 
 /// An upstream response that holds one of the capped connection slots
@@ -230,6 +241,7 @@ impl Upstream {
                 label.clone(),
             ),
             courtesy: Courtesy::new(config.max_connections, &label),
+            health: health::Health::default(),
             label,
             rule_registry,
             http,
@@ -237,6 +249,11 @@ impl Upstream {
             response_timeout: config.response_timeout,
             idle_timeout: config.idle_timeout,
         })
+    }
+
+    /// Requests, failures and the last failure, for the dashboard.
+    pub fn health(&self) -> health::HealthSnapshot {
+        self.health.snapshot()
     }
 
     pub fn label(&self) -> &str {
@@ -362,6 +379,10 @@ impl Upstream {
                 .map_err(|_| UpstreamError::Unreachable("timed out waiting for a response".into()))
                 .and_then(|result| result.map_err(UpstreamError::from_transport));
             self.record(sent.as_ref().ok().map(|r| r.status().as_u16()));
+            self.health.record(match &sent {
+                Ok(response) => Ok(response.status().as_u16()),
+                Err(err) => Err(err.reason()),
+            });
             let response = sent?;
             ratelimit::observe(&self.label, response.headers());
             if response.status() == StatusCode::UNAUTHORIZED && attempt == 0 {

@@ -76,9 +76,17 @@ impl Warming {
     }
 
     /// `POST /kura/events/{upstream}` and `GET /kura/warm/status`.
-    pub fn routes(self: &Arc<Self>) -> Router {
+    /// The push-event endpoint, authenticated by each upstream's
+    /// `events.secret`, not by client logins.
+    pub fn event_routes(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/kura/events/{upstream}", post(events::receive))
+            .with_state(self.clone())
+    }
+
+    /// The status view, which names repositories: for logged-in clients.
+    pub fn status_routes(self: &Arc<Self>) -> Router {
+        Router::new()
             .route("/kura/warm/status", get(status))
             .with_state(self.clone())
     }
