@@ -237,6 +237,8 @@ impl Podman {
         let policy = r#"{"default":[{"type":"insecureAcceptAnything"}]}"#;
         std::fs::write(dir.join("policy.json"), policy).expect("write policy.json");
         std::fs::create_dir_all(dir.join("tmp")).expect("podman tmp dir");
+        // Podman's own auth file (never the host's), which it insists exists.
+        std::fs::write(dir.join("auth.json"), r#"{"auths":{}}"#).expect("write auth.json");
         Self {
             binary: require_tool("podman"),
             dir: dir.to_owned(),
