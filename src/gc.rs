@@ -415,6 +415,40 @@ pub struct Applied {
     pub spared: usize,
 }
 
+/// The server's latest collection, as the dashboard shows it: one value,
+/// replaced by each collection.
+pub type LastCollection = std::sync::Arc<std::sync::Mutex<Option<CollectionReport>>>;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CollectionReport {
+    /// When it ended, in seconds since the Unix epoch.
+    pub at: u64,
+    pub removed_manifests: usize,
+    pub removed_blobs: usize,
+    pub freed_bytes: u64,
+    /// Why it stopped short, if it did.
+    pub error: Option<String>,
+}
+
+impl CollectionReport {
+    pub fn new(outcome: Result<&Applied, String>) -> Self {
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (applied, error) = match outcome {
+            Ok(applied) => (applied, None),
+            Err(error) => (&Applied::default(), Some(error)),
+        };
+        Self {
+            at,
+            removed_manifests: applied.dropped_links,
+            removed_blobs: applied.deleted_blobs,
+            freed_bytes: applied.freed_bytes,
+            error,
+        }
+    }
+}
+
 impl Applied {
     pub fn removed_anything(&self) -> bool {
         self.dropped_links + self.dropped_referrers + self.deleted_blobs > 0

@@ -4,19 +4,22 @@
 //! - [`cli`]: the `kura` command line.
 //! - [`config`]: Distribution-compatible YAML + `REGISTRY_*` env + flags.
 //! - [`api`]: the HTTP surface (OCI Distribution read API).
-//! - [`auth`]: client identity: Distribution-compatible token auth.
+//! - [`auth`]: who a client is (htpasswd, Distribution-compatible tokens) and what it may pull (the one authorization gate).
+//! - [`dashboard`]: the page at `/` and its JSON API under `/kura/api/v1/`.
 //! - [`cache`]: pull-through logic: cache lookups, tag freshness, shared downloads.
 //! - [`upstream`]: the HTTP client for the upstream registry (auth, redirects, timeouts).
 //! - [`storage`]: on-disk layout: content-addressed blobs, staging, tag index.
 //! - [`reference`]: validation of names, tags and digests.
 //! - [`singleflight`]: one shared fetch (a task with a deadline) per key, for cache and upstream alike.
 //! - [`glob`]: repository and tag globs of access rules and content policy.
+//! - [`warming`]: push events and scheduled sync that warm the cache (and `kura warm`'s core).
 pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod dashboard;
 pub mod gc;
 pub mod glob;
 pub mod logging;
@@ -27,3 +30,4 @@ pub mod server;
 pub mod singleflight;
 pub mod storage;
 pub mod upstream;
+pub mod warming;

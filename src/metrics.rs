@@ -29,7 +29,9 @@ pub struct RouteLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LookupLabels {
-    /// `manifest` or `blob`.
+    /// The configured upstream label (`proxy` or a registry name).
+    pub upstream: String,
+    /// `manifest`, `blob` or `referrers`.
     pub kind: &'static str,
     /// `hit`, `miss` or `stale`.
     pub outcome: &'static str,
@@ -37,6 +39,8 @@ pub struct LookupLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
+    /// The configured upstream label (`proxy` or a registry name).
+    pub upstream: String,
     /// `cache` (committed blob) or `download` (followed a live download).
     pub source: &'static str,
 }
@@ -72,6 +76,13 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// A warming job's state (`queued`, `running`, `retrying`) or outcome
+/// (`done`, `failed`), or what became of a submission or a push event.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WarmLabels {
+    pub state: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -96,6 +107,10 @@ pub struct Metrics {
     pub evicted_blobs: Counter,
     pub evicted_bytes: Counter,
     pub catalog_listings: Counter,
+    pub warm_jobs: Family<WarmLabels, Gauge>,
+    pub warm_jobs_finished: Family<WarmLabels, Counter>,
+    pub warm_submissions: Family<WarmLabels, Counter>,
+    pub warm_events: Family<WarmLabels, Counter>,
 }
 
 pub fn metrics() -> &'static Metrics {
@@ -134,6 +149,10 @@ impl Metrics {
             evicted_blobs: Counter::default(),
             evicted_bytes: Counter::default(),
             catalog_listings: Counter::default(),
+            warm_jobs: Family::default(),
+            warm_jobs_finished: Family::default(),
+            warm_submissions: Family::default(),
+            warm_events: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -149,7 +168,7 @@ impl Metrics {
         );
         r.register(
             "cache_lookups",
-            "Manifest and blob lookups: hit, miss or stale",
+            "Manifest, blob and referrers lookups by upstream: hit, miss or stale",
             metrics.lookups.clone(),
         );
         r.register(
@@ -159,7 +178,7 @@ impl Metrics {
         );
         r.register(
             "blob_bytes_served",
-            "Blob bytes sent to clients, by source",
+            "Blob bytes sent to clients, by upstream and source",
             metrics.blob_bytes_served.clone(),
         );
         r.register(
@@ -248,6 +267,26 @@ impl Metrics {
             "Listings of every repository in storage, for _catalog",
             metrics.catalog_listings.clone(),
         );
+        r.register(
+            "warm_jobs",
+            "Warming jobs by state: queued, running, retrying (waiting out a backoff)",
+            metrics.warm_jobs.clone(),
+        );
+        r.register(
+            "warm_jobs_finished",
+            "Warming jobs finished, by state: done or failed (after its last attempt)",
+            metrics.warm_jobs_finished.clone(),
+        );
+        r.register(
+            "warm_submissions",
+            "Images submitted for warming, by state: queued, coalesced (already queued or running), dropped (queue full)",
+            metrics.warm_submissions.clone(),
+        );
+        r.register(
+            "warm_events",
+            "Push events received, by state: accepted, ignored (filtered out or not a tag push), unauthorized, invalid",
+            metrics.warm_events.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -262,9 +301,30 @@ impl Metrics {
         out
     }
 
-    pub fn lookup(&self, kind: &'static str, outcome: &'static str) {
+    pub fn lookup(&self, upstream: &str, kind: &'static str, outcome: &'static str) {
         self.lookups
-            .get_or_create(&LookupLabels { kind, outcome })
+            .get_or_create(&LookupLabels {
+                upstream: upstream.to_owned(),
+                kind,
+                outcome,
+            })
             .inc();
+    }
+
+    /// A counter of `family` read without creating its series (0 if it
+    /// was never touched), for the dashboard.
+    pub fn count<L>(family: &Family<L, Counter>, labels: &L) -> u64
+    where
+        L: Clone + std::hash::Hash + Eq,
+    {
+        family.get(labels).map_or(0, |c| c.get())
+    }
+
+    /// A gauge of `family`, `None` if it was never set.
+    pub fn gauge<L>(family: &Family<L, Gauge>, labels: &L) -> Option<i64>
+    where
+        L: Clone + std::hash::Hash + Eq,
+    {
+        family.get(labels).map(|g| g.get())
     }
 }

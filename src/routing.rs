@@ -53,18 +53,31 @@ impl Registries {
 
     /// Labels of every configured upstream, default first.
     pub fn upstream_labels(&self) -> Vec<String> {
-        let mut labels: Vec<String> = self
-            .default
+        self.caches()
             .iter()
-            .map(|c| c.upstream_label().to_owned())
-            .collect();
+            .map(|cache| cache.upstream_label().to_owned())
+            .collect()
+    }
+
+    /// Every configured upstream's cache, once each, default first.
+    pub fn caches(&self) -> Vec<Arc<Cache>> {
+        let mut named: Vec<Arc<Cache>> = Vec::new();
         for cache in self.by_name.values() {
-            let label = cache.upstream_label().to_owned();
-            if !labels.contains(&label) {
-                labels.push(label);
+            let known = self.default.iter().chain(&named);
+            if !known.into_iter().any(|known| Arc::ptr_eq(known, cache)) {
+                named.push(cache.clone());
             }
         }
-        labels
+        named.sort_by(|a, b| a.upstream_label().cmp(b.upstream_label()));
+        self.default.iter().cloned().chain(named).collect()
+    }
+
+    /// The cache of the upstream labelled `label` (its name, or `proxy`).
+    pub fn upstream(&self, label: &str) -> Option<Arc<Cache>> {
+        (self.default.iter())
+            .chain(self.by_name.values())
+            .find(|cache| cache.upstream_label() == label)
+            .cloned()
     }
 
     pub fn route<'a>(&self, name: &'a str, ns: Option<&str>) -> Result<Routed<'a>, ApiError> {

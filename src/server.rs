@@ -1,5 +1,6 @@
 //! `kura serve`: wires storage, upstream clients and caches into the HTTP
-//! API (plain or TLS), the optional debug listener and housekeeping, and
+//! API and dashboard (plain or TLS), the optional debug listener and housekeeping
+//! (usage, collection, the dashboard's history), and
 //! runs until SIGINT/SIGTERM, then drains within `http.draintimeout`.
 
 use std::sync::Arc;
@@ -10,17 +11,18 @@ use axum::Router;
 use axum_server::Handle;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 
-use crate::api::access::Htpasswd;
 use crate::api::{ApiOptions, ops_router, router};
-use crate::auth::token::TokenAuth;
+use crate::auth::Gate;
 use crate::cache::{Admission, Cache};
 use crate::config::{Config, ConnectionLimits, UpstreamConfig};
 use crate::connections::{PeerAddr, idle_guard, limited_server, listen};
+use crate::dashboard::{self, Dashboard, history::History};
 use crate::gc;
 use crate::metrics::metrics;
 use crate::routing::Registries;
 use crate::storage::Storage;
 use crate::upstream::Upstream;
+use crate::warming::Warming;
 
 /// How often the storage gauges are recomputed.
 const USAGE_INTERVAL: Duration = Duration::from_secs(60);
@@ -45,29 +47,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })?;
     let (registries, admission) = build_registries(&config, &storage)?;
     let registries = Arc::new(registries);
-    let htpasswd = config
-        .htpasswd
-        .as_ref()
-        .map(|auth| {
-            Htpasswd::load(auth)
-                .map(Arc::new)
-                .with_context(|| format!("auth.htpasswd.path: cannot read {}", auth.path.display()))
-        })
-        .transpose()?;
-    let token = config
-        .token
-        .as_ref()
-        .map(|auth| TokenAuth::load(auth).map(Arc::new).context("auth.token"))
-        .transpose()?;
+    let gate = Arc::new(Gate::load(&config).context("auth")?);
+    let warming = Warming::start(&config, &registries);
+    let last_collection = gc::LastCollection::default();
+    let history = Arc::new(History::default());
+    tokio::spawn(dashboard::history::keep(
+        history.clone(),
+        registries.clone(),
+    ));
+    let dashboard = Arc::new(Dashboard {
+        registries: registries.clone(),
+        storage: storage.clone(),
+        max_size: config.cache.max_size,
+        last_collection: last_collection.clone(),
+        history,
+        gate: gate.clone(),
+    });
     let app = router(
         registries.clone(),
         storage.clone(),
         ApiOptions {
             access_log: config.log.access_log,
-            htpasswd,
-            token,
+            gate,
+            pages: dashboard::routes(dashboard).merge(warming.status_routes()),
         },
-    );
+    )
+    // Beside the registry API, outside its login: push events carry their
+    // own secret (events.secret).
+    .merge(warming.event_routes());
     let handle = Handle::new();
     if let Some(addr) = &config.http.debug_addr {
         let listener = bind("http.debug.addr", addr)?;
@@ -89,6 +96,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         storage.clone(),
         config.gc_policy(),
         config.cache.gc_interval,
+        last_collection,
     ));
     tokio::spawn(shutdown_on_signal(
         handle.clone(),
@@ -258,8 +266,14 @@ async fn release_free_heap() {
     }
 }
 
-/// Flushes access times and evicts what the policy no longer keeps.
-async fn collect_garbage(storage: Storage, policy: gc::Policy, interval: Duration) {
+/// Flushes access times and evicts what the policy no longer keeps,
+/// reporting each collection in `last`.
+async fn collect_garbage(
+    storage: Storage,
+    policy: gc::Policy,
+    interval: Duration,
+    last: gc::LastCollection,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.tick().await; // the first tick is immediate; start one interval in
     loop {
@@ -270,10 +284,13 @@ async fn collect_garbage(storage: Storage, policy: gc::Policy, interval: Duratio
             Ok(plan) => plan,
             Err(e) => {
                 tracing::warn!(error = %e, "eviction: cannot plan");
+                report(&last, Err(format!("cannot plan: {e}")));
                 continue;
             }
         };
-        match gc::apply(&storage, &plan, &policy, now).await {
+        let applied = gc::apply(&storage, &plan, &policy, now).await;
+        report(&last, applied.as_ref().map_err(|e| e.to_string()));
+        match applied {
             Ok(applied) if !applied.removed_anything() => {
                 tracing::debug!(
                     spared_as_used_since = applied.spared,
@@ -297,6 +314,10 @@ async fn collect_garbage(storage: Storage, policy: gc::Policy, interval: Duratio
             Err(e) => tracing::warn!(error = %e, "eviction failed part-way; will retry"),
         }
     }
+}
+
+fn report(last: &gc::LastCollection, outcome: Result<&gc::Applied, String>) {
+    *last.lock().expect("collection report lock") = Some(gc::CollectionReport::new(outcome));
 }
 
 /// On SIGINT/SIGTERM: stop accepting, give in-flight responses `drain` to

@@ -354,11 +354,20 @@ async fn a_repository_pulled_through_one_replica_shows_in_anothers_catalog() {
 
 /// A layer large enough that its upload takes a while (several parts).
 async fn large_image(upstream: &Upstream, repository: &str) -> support::PushedImage {
-    use support::Platform;
-    use support::images::{Flavor, ImageBuild, Layer, OCI_LAYER_TAR};
     let data: Vec<u8> = (0..64u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
+    one_layer_image(upstream, repository, data).await
+}
+
+/// An image of one layer holding `data`, pushed as `<repository>:latest`.
+async fn one_layer_image(
+    upstream: &Upstream,
+    repository: &str,
+    data: Vec<u8>,
+) -> support::PushedImage {
+    use support::Platform;
+    use support::images::{Flavor, ImageBuild, Layer, OCI_LAYER_TAR};
     ImageBuild::new(
         Flavor::Oci,
         Platform::linux("amd64", None),
@@ -470,5 +479,55 @@ async fn a_bucket_failing_during_the_upload_fails_no_client_and_the_upload_is_re
             .contains("upload to the bucket failed; retrying"),
         "the upload did not fail first (the bucket was down):\n{}",
         kura.log_text()
+    );
+}
+
+/// A hung bucket fails a cached blob's request within
+/// `storage.s3.responsetimeout` instead of holding it (and its connection)
+/// forever, and the replica serves the blob again once the bucket answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_bucket_fails_requests_in_bounded_time_and_the_replica_recovers() {
+    let s3 = S3Server::start().await;
+    let upstream = Upstream::anonymous().await;
+    let image = one_layer_image(&upstream, "hung/bucket", vec![7u8; 256 << 10]).await;
+    let extra = "    responsetimeout: 2s\n  redirect:\n    disable: true\n";
+    let (kura, _dir) = replica_with(&s3, &upstream, extra).await;
+    let layer = &image.layers[0];
+    cold_layer_get(&kura, &image).await.bytes().await.unwrap();
+    s3.wait_for_blobs(&[layer.digest.clone()].into()).await;
+    let path = format!("/v2/{}/blobs/{}", image.repository, layer.digest);
+
+    s3.pause();
+    let answer = tokio::time::timeout(Duration::from_secs(20), kura.get(&path)).await;
+    s3.resume();
+    let answer =
+        answer.unwrap_or_else(|_| panic!("a hung bucket held the request\n{}", kura.log_text()));
+    // An error, or the blob fetched again from the live upstream: either
+    // way an answer, and never wrong bytes.
+    let status = answer.status();
+    assert!(
+        status.is_server_error() || status == 200,
+        "GET {path} with the bucket hung: {status}"
+    );
+    if status == 200 {
+        let body = answer.bytes().await.unwrap();
+        assert_eq!(
+            sha256_digest(&body),
+            layer.digest,
+            "wrong bytes, bucket hung"
+        );
+    }
+
+    let response = kura.get(&path).await;
+    assert_eq!(
+        response.status(),
+        200,
+        "GET {path} after the bucket is back"
+    );
+    let body = response.bytes().await.unwrap();
+    assert_eq!(
+        sha256_digest(&body),
+        layer.digest,
+        "wrong bytes after recovery"
     );
 }

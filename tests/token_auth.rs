@@ -31,6 +31,14 @@ async fn token_upstream_with_image() -> (Upstream, PushedImage) {
 /// Kura proxying `upstream`, with `auth.token` trusting the upstream's issuer, set through the
 /// same `REGISTRY_AUTH_TOKEN_*` variables a Distribution deployment would use.
 async fn kura_with_token_auth(upstream: &Upstream, bundle_dir: &Path) -> Kura {
+    kura_with_token_auth_and(upstream, bundle_dir, Vec::new()).await
+}
+
+async fn kura_with_token_auth_and(
+    upstream: &Upstream,
+    bundle_dir: &Path,
+    more_env: Vec<(String, String)>,
+) -> Kura {
     let issuer = upstream.token_issuer().expect("token upstream");
     let bundle = bundle_dir.join("token-ca.pem");
     std::fs::write(&bundle, issuer.cert_pem()).expect("write bundle");
@@ -44,6 +52,7 @@ async fn kura_with_token_auth(upstream: &Upstream, bundle_dir: &Path) -> Kura {
             bundle.display().to_string(),
         ),
     ];
+    options.extra_env.extend(more_env);
     Kura::start(options).await
 }
 
@@ -55,10 +64,11 @@ async fn skopeo_pulls_through_kura_with_a_token_from_the_token_service() {
     let issued_before = upstream.token_issuer().unwrap().tokens_issued();
 
     let landed = skopeo_copy_as(
-        (USER, PASSWORD),
         kura.addr(),
         &format!("{REPO}:{TAG}"),
         &dir.path().join("pulled"),
+        false,
+        Some((USER, PASSWORD)),
     );
 
     assert_eq!(landed.top_digest, image.digest);
@@ -315,6 +325,45 @@ async fn every_kind_of_token_gets_the_answer_distribution_gives() {
 fn base64_pair(user: &str, pass: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+}
+
+/// Access rules apply to token users as to any: the token's subject is the user, and a rule can
+/// refuse what the token grants (403 `DENIED`, the upstream never asked), never grant more.
+#[tokio::test(flavor = "multi_thread")]
+async fn access_rules_narrow_what_a_token_grants() {
+    let (upstream, _image) = token_upstream_with_image().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yml");
+    let registry = upstream.addr().to_string();
+    std::fs::write(
+        &rules,
+        format!("rules:\n  - users: [{USER}]\n    pull: [\"{registry}/{REPO}\"]\n"),
+    )
+    .unwrap();
+    let rules_env = vec![(
+        "REGISTRY_AUTH_RULES_PATH".to_owned(),
+        rules.display().to_string(),
+    )];
+    let kura = kura_with_token_auth_and(&upstream, dir.path(), rules_env).await;
+    let issuer = upstream.token_issuer().unwrap();
+    let token_for = |subject: &str| {
+        let spec = TokenSpec::granting(subject, vec![access("repository", REPO, &["pull"])]);
+        format!("Bearer {}", issuer.mint(&spec))
+    };
+    let manifest = format!("/v2/{REPO}/manifests/{TAG}");
+
+    let before = upstream.requests().len();
+    let refused = ask(&kura.url(), &manifest, Some(&token_for("mallory"))).await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    assert_eq!(refused.body.unwrap()["errors"][0]["code"], "DENIED");
+    assert_eq!(
+        upstream.requests().len(),
+        before,
+        "a refusal reached the upstream"
+    );
+
+    let allowed = ask(&kura.url(), &manifest, Some(&token_for(USER))).await;
+    assert_eq!(allowed.status, 200, "{allowed:?}");
 }
 
 /// A Distribution `auth: token:` section passes `kura config check` (which also reads the keys);

@@ -37,14 +37,17 @@ pub async fn serve(
     }
     let blob = cache.open_blob(name, digest).await?;
     let outcome = Outcome::from_hit(blob.cache_hit);
-    metrics().lookup("blob", outcome.0);
+    metrics().lookup(cache.upstream_label(), "blob", outcome.0);
     if let Some(location) = blob.redirect() {
         return Ok(redirect(digest, location, outcome));
     }
     let source = if blob.cache_hit { "cache" } else { "download" };
     let served = metrics()
         .blob_bytes_served
-        .get_or_create_owned(&SourceLabels { source });
+        .get_or_create_owned(&SourceLabels {
+            upstream: cache.upstream_label().to_owned(),
+            source,
+        });
     let range_header = request_headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok());

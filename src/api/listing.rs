@@ -43,10 +43,15 @@ fn parse_paging(query: &str) -> Result<Paging, ApiError> {
     Ok(paging)
 }
 
-pub async fn catalog(storage: &Storage, query: &str) -> Result<Response, ApiError> {
+/// `visible` says which repositories the client may see (pull).
+pub async fn catalog(
+    storage: &Storage,
+    query: &str,
+    visible: impl Fn(&str) -> bool,
+) -> Result<Response, ApiError> {
     let paging = parse_paging(query)?;
     let page = storage
-        .catalog_page(paging.n, paging.last.as_deref())
+        .catalog_page(paging.n, paging.last.as_deref(), visible)
         .await
         .map_err(|e| ApiError::internal(format!("listing repositories: {e}")))?;
     let body = json!({ "repositories": page.items });

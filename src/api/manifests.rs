@@ -34,7 +34,7 @@ pub async fn serve(
     } else {
         Outcome::from_hit(manifest.cache_hit)
     };
-    metrics().lookup("manifest", outcome.0);
+    metrics().lookup(cache.upstream_label(), "manifest", outcome.0);
     let length = manifest.bytes.len() as u64;
     let body = if head {
         Body::empty()

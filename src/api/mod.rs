@@ -1,11 +1,13 @@
 //! The HTTP surface: the read side of the OCI Distribution API.
 //!
-//! Every request goes through [`dispatch`], which recognises the route
+//! Every request goes through [`dispatch`], which checks a Bearer token's
+//! grants with `auth.token` ([`token_refusal`]), establishes who the
+//! client is ([`crate::auth::Gate::identify`]), recognises the route
 //! ([`route`]), validates names/references/digests ([`crate::reference`])
-//! before anything touches storage, and hands over to [`manifests`],
+//! before anything touches storage, asks the gate whether the client may
+//! pull the repository, and only then hands over to [`manifests`],
 //! [`blobs`], [`referrers`] or [`listing`]. Errors are OCI error JSON ([`error`]).
 
-pub mod access;
 pub mod blobs;
 pub mod error;
 pub mod listing;
@@ -21,17 +23,18 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::auth::token::{HostSeen, Scope, TokenAuth};
+use crate::auth::token::{HostSeen, Scope};
+use crate::auth::{Gate, Identity};
 use crate::metrics::{RequestLabels, RouteLabels, metrics};
 use crate::reference::{Digest, DigestError, Reference, RepoName};
-use crate::routing::Registries;
+use crate::routing::{Registries, Routed};
 use crate::storage::Storage;
-use access::Htpasswd;
 use error::{ApiError, ErrorCode};
 use route::Route;
 
@@ -55,33 +58,34 @@ struct AppState {
     registries: Arc<Registries>,
     /// The root view, for `_catalog` across every upstream and readiness.
     storage: Storage,
+    gate: Arc<Gate>,
 }
 
 /// How the registry API is exposed.
 pub struct ApiOptions {
     pub access_log: bool,
-    /// Basic authentication required on `/v2/` when set.
-    pub htpasswd: Option<Arc<Htpasswd>>,
-    /// Bearer tokens of `auth.token` required on `/v2/` when set.
-    pub token: Option<Arc<TokenAuth>>,
+    /// Who may pull what.
+    pub gate: Arc<Gate>,
+    /// Pages beside the registry API (the dashboard, the warming status),
+    /// behind the same login; their handlers find the client's
+    /// [`Identity`] in the request's extensions.
+    pub pages: Router,
 }
 
-/// The registry API plus `/metrics`, `/healthz` and `/readyz`.
+/// The registry API plus the pages, `/metrics`, `/healthz` and `/readyz`.
 pub fn router(registries: Arc<Registries>, storage: Storage, options: ApiOptions) -> Router {
     let access_log = options.access_log;
-    let htpasswd = options.htpasswd;
-    let token = options.token;
+    let gate = options.gate.clone();
     ops_routes()
         .fallback(dispatch)
         .with_state(AppState {
             registries,
             storage,
+            gate: options.gate,
         })
+        .merge(options.pages)
         .layer(middleware::from_fn(move |request: Request, next: Next| {
-            require_credentials(htpasswd.clone(), request, next)
-        }))
-        .layer(middleware::from_fn(move |request: Request, next: Next| {
-            require_token(token.clone(), request, next)
+            require_login(gate.clone(), request, next)
         }))
         .layer(middleware::from_fn(add_api_version))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
@@ -94,6 +98,7 @@ pub fn ops_router(registries: Arc<Registries>, storage: Storage) -> Router {
     ops_routes().with_state(AppState {
         registries,
         storage,
+        gate: Arc::new(Gate::open()),
     })
 }
 
@@ -105,17 +110,100 @@ fn ops_routes() -> Router<AppState> {
 }
 
 async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
-    let head = match *request.method() {
+    if !request.uri().path().starts_with("/v2") {
+        return (StatusCode::NOT_FOUND, "404 page not found\n").into_response();
+    }
+    // Only the head is read (the API takes no bodies), and unlike the
+    // request it can be held across awaits.
+    let (head, _) = request.into_parts();
+    if let Some(refusal) = token_refusal(&state.gate, &head) {
+        return refusal;
+    }
+    let response = match state.gate.identify(&head.headers).await {
+        Ok(identity) => dispatch_as(&state, &identity, &head).await,
+        Err(e) => e.into_response(),
+    };
+    with_challenge(&state.gate, response)
+}
+
+/// With `auth.token`, the token must grant what the route needs
+/// ([`required_scope`]), checked as Distribution checks it and answered as
+/// it answers: 401 `UNAUTHORIZED` with a Bearer challenge naming the scope,
+/// `error="invalid_token"` or `"insufficient_scope"` when a token was
+/// sent, and the access asked for as `detail`. Access rules then apply to
+/// what passes.
+fn token_refusal(gate: &Gate, head: &Parts) -> Option<Response> {
+    let token = gate.token()?;
+    let needed = required_scope(head.uri.path());
+    let authorization = head.headers.get(header::AUTHORIZATION);
+    let rejection = token
+        .authorize(authorization.map(HeaderValue::as_bytes), needed.as_ref())
+        .err()?;
+    let header_text = |name| head.headers.get(name).and_then(|h| h.to_str().ok());
+    let host = HostSeen {
+        host: header_text(header::HOST).or_else(|| head.uri.authority().map(|a| a.as_str())),
+        forwarded_proto: header_text(header::HeaderName::from_static("x-forwarded-proto")),
+    };
+    let challenge = token.challenge(needed.as_ref(), rejection, host);
+    let detail = needed
+        .as_ref()
+        .map_or(serde_json::Value::Null, Scope::detail);
+    let mut response = ApiError::new(ErrorCode::Unauthorized, "authentication required")
+        .into_response_with_detail(detail);
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
+    }
+    Some(response)
+}
+
+/// What a token must grant for a path, as Distribution asks: pull on the
+/// repository (named as the client sent it) for its content, tags and
+/// referrers; `registry:catalog:*` for the catalog; any valid token for
+/// the rest.
+fn required_scope(path: &str) -> Option<Scope> {
+    match route::parse(path)? {
+        Route::Catalog => Some(Scope::catalog()),
+        Route::Tags { name }
+        | Route::Manifest { name, .. }
+        | Route::Blob { name, .. }
+        | Route::Referrers { name, .. } => Some(Scope::pull(name)),
+        Route::Base | Route::Upload => None,
+    }
+}
+
+/// Every 401 is Kura's own and tells the client how to log in.
+fn with_challenge(gate: &Gate, mut response: Response) -> Response {
+    if response.status() == StatusCode::UNAUTHORIZED
+        && let Some(challenge) = gate.challenge()
+    {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, challenge);
+    }
+    response
+}
+
+async fn dispatch_as(state: &AppState, identity: &Identity, request: &Parts) -> Response {
+    let head = match request.method {
         Method::GET => false,
         Method::HEAD => true,
-        _ => return unsupported_method(request.uri().path()),
+        _ => return unsupported_method(&state.gate, identity, request.uri.path()),
     };
-    let Some(route) = route::parse(request.uri().path()) else {
-        return (StatusCode::NOT_FOUND, "404 page not found\n").into_response();
+    let Some(route) = route::parse(request.uri.path()) else {
+        return not_found(&state.gate, identity);
     };
-    let query = request.uri().query().unwrap_or("");
+    let query = request.uri.query().unwrap_or("");
     let ns = namespace_param(query);
-    let result = handle(&state, route, head, query, ns.as_deref(), request.headers()).await;
+    let request = ClientRequest {
+        identity,
+        head,
+        query,
+        ns: ns.as_deref(),
+        headers: &request.headers,
+    };
+    let result = handle(state, route, &request).await;
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     // The distribution spec's answer to a request that named its registry.
     if let Some(value) = ns.and_then(|ns| HeaderValue::from_str(&ns).ok()) {
@@ -124,41 +212,72 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     response
 }
 
+/// What a handler needs of a request besides its route.
+struct ClientRequest<'a> {
+    identity: &'a Identity,
+    head: bool,
+    query: &'a str,
+    ns: Option<&'a str>,
+    headers: &'a HeaderMap,
+}
+
+/// Every route that serves content resolves its repository here and asks
+/// the gate ([`Gate::authorize`]) before anything else happens; a blob is
+/// further scoped to repositories that hold it.
 async fn handle(
     state: &AppState,
     route: Route<'_>,
-    head: bool,
-    query: &str,
-    ns: Option<&str>,
-    headers: &HeaderMap,
+    request: &ClientRequest<'_>,
 ) -> Result<Response, ApiError> {
+    let gate = &state.gate;
+    let identity = request.identity;
+    let routed = |name| -> Result<(Routed<'_>, RepoName), ApiError> {
+        let routed = state.registries.route(name, request.ns)?;
+        let repo = parse_name(routed.name)?;
+        gate.authorize(identity, &routed.cache, &repo)?;
+        Ok((routed, repo))
+    };
     match route {
-        Route::Base => Ok(axum::Json(serde_json::json!({})).into_response()),
-        Route::Catalog => listing::catalog(&state.storage, query).await,
+        Route::Base => {
+            gate.check_base(identity)?;
+            Ok(axum::Json(serde_json::json!({})).into_response())
+        }
+        Route::Catalog => {
+            gate.admit(identity)?;
+            let visible = |name: &str| gate.may_see(&state.registries, identity, name);
+            listing::catalog(&state.storage, request.query, visible).await
+        }
         Route::Tags { name } => {
-            let routed = state.registries.route(name, ns)?;
-            let repo = parse_name(routed.name)?;
-            listing::tags(&routed.cache, &repo, name, query, ns).await
+            let (routed, repo) = routed(name)?;
+            listing::tags(&routed.cache, &repo, name, request.query, request.ns).await
         }
         Route::Manifest { name, reference } => {
-            let routed = state.registries.route(name, ns)?;
-            let repo = parse_name(routed.name)?;
+            let (routed, repo) = routed(name)?;
             let reference = parse_reference(reference)?;
-            manifests::serve(&routed.cache, &repo, &reference, head, headers).await
+            manifests::serve(
+                &routed.cache,
+                &repo,
+                &reference,
+                request.head,
+                request.headers,
+            )
+            .await
         }
         Route::Blob { name, digest } => {
-            let routed = state.registries.route(name, ns)?;
-            let repo = parse_name(routed.name)?;
+            let (routed, repo) = routed(name)?;
             let digest = parse_digest(digest)?;
-            blobs::serve(&routed.cache, &repo, &digest, head, headers).await
+            gate.scope_blob(&routed.cache, &repo, &digest).await?;
+            blobs::serve(&routed.cache, &repo, &digest, request.head, request.headers).await
         }
         Route::Referrers { name, digest } => {
-            let routed = state.registries.route(name, ns)?;
-            let repo = parse_name(routed.name)?;
+            let (routed, repo) = routed(name)?;
             let digest = parse_digest(digest)?;
-            referrers::serve(&routed.cache, &repo, &digest, query, head).await
+            referrers::serve(&routed.cache, &repo, &digest, request.query, request.head).await
         }
-        Route::Upload => Err(read_only()),
+        Route::Upload => {
+            gate.admit(identity)?;
+            Err(read_only())
+        }
     }
 }
 
@@ -169,10 +288,23 @@ fn namespace_param(query: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-fn unsupported_method(path: &str) -> Response {
+fn unsupported_method(gate: &Gate, identity: &Identity, path: &str) -> Response {
     match route::parse(path) {
-        Some(_) => read_only().into_response(),
-        None => (StatusCode::NOT_FOUND, "404 page not found\n").into_response(),
+        Some(_) => gate
+            .admit(identity)
+            .err()
+            .unwrap_or_else(read_only)
+            .into_response(),
+        None => not_found(gate, identity),
+    }
+}
+
+/// Not a registry route under `/v2`; a client that could not see anything
+/// here is asked to log in first.
+fn not_found(gate: &Gate, identity: &Identity) -> Response {
+    match gate.admit(identity) {
+        Ok(()) => (StatusCode::NOT_FOUND, "404 page not found\n").into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -287,106 +419,32 @@ fn route_label(path: &str) -> &'static str {
         None => match path {
             "/metrics" => "metrics",
             "/healthz" | "/readyz" => "health",
+            "/" => "dashboard",
+            _ if path.starts_with("/kura/") => "dashboard",
             _ => "other",
         },
     }
 }
 
-/// With `auth.htpasswd`, the registry API needs valid Basic credentials;
-/// health and metrics stay open for probes and scrapers. Without it,
-/// whatever `Authorization` a client sends (Docker sends its Hub
-/// credentials to mirrors) is ignored.
-async fn require_credentials(
-    htpasswd: Option<Arc<Htpasswd>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let Some(htpasswd) = htpasswd else {
-        return next.run(request).await;
-    };
-    if !request.uri().path().starts_with("/v2") {
+/// Pages beside the registry API need what `/v2/` needs: a login, where
+/// logins exist. The registry API decides per route in [`dispatch`]; the
+/// probes and the scrape stay open (as on Distribution's debug listener:
+/// no repository names reach metric labels).
+async fn require_login(gate: Arc<Gate>, mut request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if path.starts_with("/v2") || matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return next.run(request).await;
     }
-    if htpasswd
-        .authorize(request.headers().get(header::AUTHORIZATION))
+    let identity = gate
+        .identify(request.headers())
         .await
-    {
-        return next.run(request).await;
-    }
-    let mut response =
-        ApiError::new(ErrorCode::Unauthorized, "authentication required").into_response();
-    let challenge = format!("Basic realm=\"{}\"", htpasswd.realm.replace('"', ""));
-    if let Ok(value) = HeaderValue::from_str(&challenge) {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, value);
-    }
-    response
-}
-
-/// With `auth.token`, the registry API needs a Bearer token that grants what
-/// the route needs ([`required_scope`]); rejections answer as Distribution
-/// does: 401 `UNAUTHORIZED` with a Bearer challenge naming the scope, and
-/// `error="invalid_token"` or `"insufficient_scope"` when a token was sent.
-/// The grant travels on in the request's extensions.
-async fn require_token(
-    token: Option<Arc<TokenAuth>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let Some(token) = token else {
-        return next.run(request).await;
-    };
-    if !request.uri().path().starts_with("/v2") {
-        return next.run(request).await;
-    }
-    let needed = required_scope(request.uri().path());
-    let authorization = request.headers().get(header::AUTHORIZATION);
-    let rejection = match token.authorize(authorization.map(HeaderValue::as_bytes), needed.as_ref())
-    {
-        Ok(grant) => {
-            request.extensions_mut().insert(grant);
-            return next.run(request).await;
+        .and_then(|identity| gate.check_base(&identity).map(|()| identity));
+    match identity {
+        Ok(identity) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
         }
-        Err(rejection) => rejection,
-    };
-    let host = HostSeen {
-        host: request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| request.uri().authority().map(|a| a.as_str())),
-        forwarded_proto: request
-            .headers()
-            .get("x-forwarded-proto")
-            .and_then(|h| h.to_str().ok()),
-    };
-    let challenge = token.challenge(needed.as_ref(), rejection, host);
-    let detail = needed
-        .as_ref()
-        .map_or(serde_json::Value::Null, Scope::detail);
-    let mut response = ApiError::new(ErrorCode::Unauthorized, "authentication required")
-        .into_response_with_detail(detail);
-    if let Ok(value) = HeaderValue::from_str(&challenge) {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, value);
-    }
-    response
-}
-
-/// What a token must grant for a path, as Distribution asks: pull on the
-/// repository (named as the client sent it) for its content, tags and
-/// referrers; `registry:catalog:*` for the catalog; any valid token for
-/// the rest.
-fn required_scope(path: &str) -> Option<Scope> {
-    match route::parse(path)? {
-        Route::Catalog => Some(Scope::catalog()),
-        Route::Tags { name }
-        | Route::Manifest { name, .. }
-        | Route::Blob { name, .. }
-        | Route::Referrers { name, .. } => Some(Scope::pull(name)),
-        Route::Base | Route::Upload => None,
+        Err(e) => with_challenge(&gate, e.into_response()),
     }
 }
 

@@ -33,7 +33,7 @@ pub async fn serve(
     } else {
         Outcome::from_hit(referrers.cache_hit)
     };
-    metrics().lookup("referrers", outcome.0);
+    metrics().lookup(cache.upstream_label(), "referrers", outcome.0);
     let index = referrers.index(artifact_type.as_deref());
     let mut builder = Response::builder()
         .status(StatusCode::OK)

@@ -73,10 +73,23 @@ impl Cache {
                 cache_hit: true,
             });
         }
+        let size = self.upstream_blob_size(name, digest).await?;
+        Ok(BlobStat {
+            size,
+            cache_hit: false,
+        })
+    }
+
+    /// One upstream `HEAD` of the blob in `name`, shared by concurrent
+    /// requests for the same repository and digest.
+    pub(super) async fn upstream_blob_size(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, ApiError> {
         let this = Arc::clone(self);
         let (head_name, head_digest) = (name.clone(), digest.clone());
-        let size = self
-            .head_flights
+        self.head_flights
             .run((name.clone(), digest.clone()), move || async move {
                 this.upstream
                     .head_blob(&head_name, &head_digest)
@@ -84,11 +97,7 @@ impl Cache {
                     .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))
             })
             .await
-            .unwrap_or_else(|| Err(fetch_overran()))?;
-        Ok(BlobStat {
-            size,
-            cache_hit: false,
-        })
+            .unwrap_or_else(|| Err(fetch_overran()))
     }
 
     /// Opens a blob for streaming: from storage, or by starting or joining

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -106,9 +106,37 @@ impl Admission {
     }
 }
 
+/// One download in the map: its progress, shared with its followers
+/// (each holds a receiver, so the receivers are its followers), and what
+/// the dashboard shows of it.
+struct InFlight {
+    progress: Arc<watch::Sender<Progress>>,
+    repository: RepoName,
+    started: Instant,
+    /// Bytes received from upstream so far (the followers' `readable`
+    /// moves by whole batches; this by every chunk).
+    received: Arc<AtomicU64>,
+}
+
+/// What the dashboard shows of a download in flight.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DownloadStatus {
+    pub digest: String,
+    pub repository: String,
+    /// `connecting` (waiting for a turn or the upstream's answer),
+    /// `streaming`, `committing` (verified; being stored) or `passthrough`.
+    pub state: &'static str,
+    pub received: u64,
+    /// The upstream's `Content-Length`, when it sent one.
+    pub total: Option<u64>,
+    /// Clients reading along right now.
+    pub followers: usize,
+    pub seconds: u64,
+}
+
 /// Downloads in flight, by digest.
 pub struct Downloads {
-    in_flight: Mutex<HashMap<Digest, Download>>,
+    in_flight: Mutex<HashMap<Digest, InFlight>>,
     /// Downloads committed so far: a request that found its blob missing
     /// learns from this whether one may have landed since it looked.
     committed: AtomicU64,
@@ -132,9 +160,45 @@ impl Downloads {
     /// A live download's size, once the upstream has told it.
     pub(super) fn live_size(&self, digest: &Digest) -> Option<u64> {
         let in_flight = self.in_flight.lock().expect("downloads lock");
-        match *in_flight.get(digest)?.borrow() {
+        match *in_flight.get(digest)?.progress.borrow() {
             Progress::Streaming { total, .. } => total,
             _ => None,
+        }
+    }
+
+    /// At most `limit` downloads in flight (longest running first), and
+    /// how many there are in all. The map itself is bounded by the
+    /// requests in flight; this copy by `limit`.
+    pub fn snapshot(&self, limit: usize) -> (Vec<DownloadStatus>, usize) {
+        let in_flight = self.in_flight.lock().expect("downloads lock");
+        let mut entries: Vec<(&Digest, &InFlight)> = in_flight.iter().collect();
+        entries.sort_by_key(|(_, entry)| entry.started);
+        let shown = entries
+            .into_iter()
+            .take(limit)
+            .map(|(digest, entry)| entry.status(digest))
+            .collect();
+        (shown, in_flight.len())
+    }
+}
+
+impl InFlight {
+    fn status(&self, digest: &Digest) -> DownloadStatus {
+        let (state, total) = match &*self.progress.borrow() {
+            Progress::Connecting => ("connecting", None),
+            Progress::Streaming { total, .. } => ("streaming", *total),
+            Progress::Complete { total } => ("committing", Some(*total)),
+            Progress::PassThrough => ("passthrough", None),
+            Progress::Failed(_) => ("failed", None),
+        };
+        DownloadStatus {
+            digest: digest.to_string(),
+            repository: self.repository.to_string(),
+            state,
+            received: self.received.load(Ordering::Relaxed),
+            total,
+            followers: self.progress.receiver_count(),
+            seconds: self.started.elapsed().as_secs(),
         }
     }
 }
@@ -152,10 +216,20 @@ impl Cache {
         let mut in_flight = self.downloads.in_flight.lock().expect("downloads lock");
         if let Some(download) = in_flight.get(digest) {
             metrics().coalesced_waiters.inc();
-            return download.clone();
+            return download.progress.subscribe();
         }
         let (progress_tx, progress) = watch::channel(Progress::Connecting);
-        in_flight.insert(digest.clone(), progress.clone());
+        let progress_tx = Arc::new(progress_tx);
+        let received = Arc::new(AtomicU64::new(0));
+        in_flight.insert(
+            digest.clone(),
+            InFlight {
+                progress: Arc::clone(&progress_tx),
+                repository: name.clone(),
+                started: Instant::now(),
+                received: Arc::clone(&received),
+            },
+        );
         self.downloads.admission.live.send_modify(|live| *live += 1);
         let leaves = LeaveOnDrop {
             cache: Arc::clone(self),
@@ -167,7 +241,7 @@ impl Cache {
         tokio::spawn(async move {
             let _leaves = leaves;
             let outcome = this
-                .download(&name, &digest, committed_before, &progress_tx)
+                .download(&name, &digest, committed_before, &progress_tx, &received)
                 .await;
             let final_state = outcome.unwrap_or_else(|err| {
                 tracing::warn!(%name, %digest, error = %err, "blob download failed; nothing committed");
@@ -184,6 +258,7 @@ impl Cache {
         digest: &Digest,
         committed_before: u64,
         progress: &watch::Sender<Progress>,
+        received: &AtomicU64,
     ) -> Result<Progress, ApiError> {
         // Held until the commit is over, upload retries included: the
         // turn is what bounds the staging files on disk and the uploads'
@@ -221,7 +296,7 @@ impl Cache {
             readable: 0,
             recent: RecentBatches::default(),
         });
-        self.stream_to_staging(response, total, &mut staged, progress)
+        self.stream_to_staging(response, total, &mut staged, progress, received)
             .await?;
         let received = staged.received();
         self.verify_and_commit(digest, staged, progress).await?;
@@ -235,6 +310,7 @@ impl Cache {
         total: Option<u64>,
         staged: &mut StagedBlob,
         progress: &watch::Sender<Progress>,
+        received: &AtomicU64,
     ) -> Result<(), ApiError> {
         let fetched = metrics()
             .upstream_bytes_fetched
@@ -248,6 +324,7 @@ impl Cache {
                 transfer_failed(format!("upstream transfer failed: {e}"))
             })?;
             fetched.inc_by(chunk.len() as u64);
+            received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             if total.is_some_and(|total| staged.received() + chunk.len() as u64 > total) {
                 count_failure("overlong");
                 return Err(transfer_failed(

@@ -81,6 +81,35 @@ impl Cache {
         {
             return Ok(manifest);
         }
+        self.revalidate_shared(name, tag, link).await
+    }
+
+    /// Asks the upstream where a tag points now, whatever its `tagttl`
+    /// freshness: for warming, which was told (by a push event or its
+    /// schedule) that the tag may have moved. A HEAD, then a GET only if
+    /// the digest is not cached.
+    pub async fn manifest_revalidated(
+        self: &Arc<Self>,
+        name: &RepoName,
+        tag: &Tag,
+    ) -> Result<Manifest, ApiError> {
+        let link = self
+            .storage
+            .tag_link(name, tag)
+            .await
+            .map_err(storage_error)?;
+        let manifest = self.revalidate_shared(name, tag, link).await?;
+        self.storage.record_access(&manifest.digest);
+        Ok(manifest)
+    }
+
+    /// One revalidation per tag at a time, shared by everyone asking.
+    async fn revalidate_shared(
+        self: &Arc<Self>,
+        name: &RepoName,
+        tag: &Tag,
+        link: Option<TagLink>,
+    ) -> Result<Manifest, ApiError> {
         let this = self.clone();
         let key = (name.clone(), tag.clone());
         let (flight_name, flight_tag) = key.clone();

@@ -6,12 +6,14 @@
 //! - [`blobs`]: blob downloads that stream to clients while filling the cache.
 //! - [`tags`]: tag lists, from upstream (every page) or from what is cached.
 //! - [`referrers`]: a subject's referrers (API or tag schema), cached like a tag.
+//! - `scope`: what a repository is known to hold, for blob scoping.
 
 pub mod blobs;
 pub mod download;
 mod follower;
 pub mod manifests;
 pub mod referrers;
+mod scope;
 pub mod tags;
 
 use std::time::Duration;
@@ -78,6 +80,23 @@ impl Cache {
     /// The upstream's label (registry name, or `proxy`).
     pub fn upstream_label(&self) -> &str {
         self.upstream.label()
+    }
+
+    /// The repository as access rules name it, `<registry>/<repository>`
+    /// (see [`Upstream::rule_name`]).
+    pub fn rule_name(&self, name: &RepoName) -> String {
+        self.upstream.rule_name(name)
+    }
+
+    /// The upstream's requests, failures and last failure.
+    pub fn upstream_health(&self) -> crate::upstream::health::HealthSnapshot {
+        self.upstream.health()
+    }
+
+    /// At most `limit` of this cache's downloads in flight, and how many
+    /// there are.
+    pub fn downloads_snapshot(&self, limit: usize) -> (Vec<download::DownloadStatus>, usize) {
+        self.downloads.snapshot(limit)
     }
 }
 

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 
-use super::{Config, S3Config, S3Encryption, TokenConfig, UpstreamConfig};
+use super::{AccessConfig, Config, S3Config, S3Encryption, TokenConfig, UpstreamConfig};
 
 const MASK: &str = "***";
 
@@ -69,21 +69,22 @@ impl Config {
                 .collect();
             root.insert("upstreams".into(), Value::Sequence(list));
         }
+        let mut auth = Mapping::new();
         if let Some(htpasswd) = &self.htpasswd {
-            let auth = map([
+            let htpasswd = map([
                 ("realm", string(&htpasswd.realm)),
                 ("path", string(htpasswd.path.display())),
             ]);
-            root.insert(
-                "auth".into(),
-                Value::Mapping(map([("htpasswd", Value::Mapping(auth))])),
-            );
+            auth.insert("htpasswd".into(), Value::Mapping(htpasswd));
         }
         if let Some(token) = &self.token {
-            root.insert(
-                "auth".into(),
-                Value::Mapping(map([("token", Value::Mapping(token_map(token)))])),
-            );
+            auth.insert("token".into(), Value::Mapping(token_map(token)));
+        }
+        if let Some(access) = &self.access {
+            access_entries(access, &mut auth);
+        }
+        if !auth.is_empty() {
+            root.insert("auth".into(), Value::Mapping(auth));
         }
         let log = map([
             ("level", string(&self.log.level)),
@@ -97,13 +98,35 @@ impl Config {
             ),
         ]);
         root.insert("log".into(), Value::Mapping(log));
-        let mut text = serde_yaml::to_string(&Value::Mapping(root)).unwrap_or_default();
+        let mut text = serde_yaml_ng::to_string(&Value::Mapping(root)).unwrap_or_default();
         if !self.ignored_keys.is_empty() {
             text.push_str("# accepted but ignored: ");
             text.push_str(&self.ignored_keys.join(", "));
             text.push('\n');
         }
         text
+    }
+}
+
+/// `auth.rules` and `auth.groups`: each file's path and, as `effective`,
+/// what Kura read from it.
+fn access_entries(access: &AccessConfig, auth: &mut Mapping) {
+    let rules = map([
+        ("path", string(access.rules_path.display())),
+        ("effective", access.rules.describe()),
+    ]);
+    auth.insert("rules".into(), Value::Mapping(rules));
+    if let (Some(path), Some(groups)) = (&access.groups_path, &access.groups) {
+        let members = groups
+            .members()
+            .into_iter()
+            .map(|(group, users)| (Value::from(group), Value::from(users)))
+            .collect();
+        let groups = map([
+            ("path", string(path.display())),
+            ("effective", Value::Mapping(members)),
+        ]);
+        auth.insert("groups".into(), Value::Mapping(groups));
     }
 }
 
@@ -127,6 +150,8 @@ fn s3_map(s3: &S3Config) -> Mapping {
     if let Some(S3Encryption::Kms { key_id }) = &s3.encryption {
         entry.insert("keyid".into(), string(key_id));
     }
+    entry.insert("connecttimeout".into(), duration(s3.connect_timeout));
+    entry.insert("responsetimeout".into(), duration(s3.response_timeout));
     entry
 }
 
@@ -236,7 +261,7 @@ mod tests {
         let text = Config::load(None, env, &Overrides::default())
             .unwrap()
             .describe();
-        let described: Value = serde_yaml::from_str(&text).unwrap();
+        let described: Value = serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(described["storage"]["s3"]["encrypt"], true, "{text}");
         assert_eq!(described["storage"]["s3"]["keyid"], "alias/kura", "{text}");
         assert!(!text.contains("ignored"), "{text}");
@@ -254,7 +279,7 @@ mod tests {
         let text = Config::load(None, env, &Overrides::default())
             .unwrap()
             .describe();
-        let reparsed: Value = serde_yaml::from_str(&text).unwrap();
+        let reparsed: Value = serde_yaml_ng::from_str(&text).unwrap();
         let token = &reparsed["auth"]["token"];
         assert_eq!(token["realm"], "https://auth.example/token", "{text}");
         assert_eq!(token["service"], "registry.example");
@@ -295,7 +320,54 @@ mod tests {
         assert!(text.contains("ttl: 168h"), "{text}");
         assert!(text.contains("responsetimeout: 2500ms"), "{text}");
         assert!(text.contains("maxconnections: 512"), "{text}");
-        let reparsed: Value = serde_yaml::from_str(&text).unwrap();
+        let reparsed: Value = serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(reparsed["proxy"]["username"], "me");
+    }
+
+    #[test]
+    fn checks_and_shows_the_effective_access_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules.yml");
+        let groups = dir.path().join("groups");
+        std::fs::write(
+            &rules,
+            "rules:\n  - groups: [ops]\n    pull: [\"docker.io/library/*\"]\n",
+        )
+        .unwrap();
+        std::fs::write(&groups, "ops: alice, bob\n").unwrap();
+        let config = dir.path().join("kura.yml");
+        let yaml = format!(
+            "auth:\n  rules:\n    path: {}\n  groups:\n    path: {}\n",
+            rules.display(),
+            groups.display()
+        );
+        std::fs::write(&config, &yaml).unwrap();
+        let load = || Config::load(Some(&config), [], &Overrides::default());
+        let text = load().unwrap().describe();
+        let described: Value = serde_yaml_ng::from_str(&text).unwrap();
+        let effective = &described["auth"]["rules"]["effective"][0];
+        assert_eq!(effective["groups"][0], "ops", "{text}");
+        assert_eq!(effective["pull"][0], "docker.io/library/*", "{text}");
+        assert_eq!(described["auth"]["groups"]["effective"]["ops"][1], "bob");
+        assert!(!text.contains("ignored"), "{text}");
+
+        std::fs::write(&rules, "rules:\n  - users: [a]\n    pull: [\"x/[\"]\n").unwrap();
+        let error = load().unwrap_err().to_string();
+        assert!(
+            error.contains("auth.rules.path") && error.contains("rules[0]"),
+            "{error}"
+        );
+        for (yaml, key) in [
+            ("auth:\n  rules:\n    - users: [a]\n", "auth.rules.path"),
+            ("auth:\n  groups:\n    path: /g\n", "auth.groups.path"),
+            (
+                "auth:\n  rules:\n    path: /nonexistent/rules.yml\n",
+                "auth.rules.path",
+            ),
+        ] {
+            std::fs::write(&config, yaml).unwrap();
+            let error = load().unwrap_err().to_string();
+            assert!(error.contains(key), "{yaml}: {error}");
+        }
     }
 }

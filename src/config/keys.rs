@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 
 use super::{ConfigError, invalid};
 
@@ -128,21 +128,22 @@ impl<'a> KeyReader<'a> {
         }
     }
 
-    /// A list of single values; absent is empty.
-    pub fn string_list(&mut self, key: &str) -> Result<Vec<String>, ConfigError> {
-        self.read.insert(key.to_owned());
-        let items = match self.lookup(key) {
-            None | Some(Value::Null) => return Ok(Vec::new()),
-            Some(Value::Sequence(items)) => items,
-            Some(_) => return Err(self.invalid(key, "expected a list")),
+    /// A list of strings; a single value (as an environment variable
+    /// sets it) is a list of one.
+    pub fn strings(&mut self, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(Value::Sequence(items)) = self.lookup(key) else {
+            return Ok(self.string(key)?.map(|one| vec![one]));
         };
+        self.read.insert(key.to_owned());
         items
             .iter()
             .map(|item| match item {
                 Value::String(s) => Ok(s.clone()),
+                Value::Number(n) => Ok(n.to_string()),
                 _ => Err(self.invalid(key, "expected a list of strings")),
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     pub fn bool(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
@@ -189,7 +190,7 @@ fn collect_leaves(node: &Value, prefix: String, out: &mut Vec<String>) {
             for (key, child) in map {
                 let key = match key {
                     Value::String(s) => s.clone(),
-                    other => serde_yaml::to_string(other)
+                    other => serde_yaml_ng::to_string(other)
                         .unwrap_or_default()
                         .trim()
                         .to_owned(),

@@ -10,11 +10,15 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
+
+use crate::auth::groups::Groups;
+use crate::auth::rules::Rules;
 
 mod describe;
 mod keys;
 mod upstreams;
+mod warming;
 
 pub use keys::parse_duration;
 use keys::{KeyReader, apply_env_overrides};
@@ -23,6 +27,7 @@ use upstreams::{
     apply_docker_credentials, docker_config_credentials, parse_upstream_url, read_upstream,
     read_upstream_list,
 };
+pub use warming::{UpstreamWarming, WarmFilter, WarmRule, WarmingLimits};
 
 /// Docker Hub's registry API host: what Kura mirrors with no configuration.
 pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
@@ -54,6 +59,11 @@ pub struct Config {
     pub htpasswd: Option<HtpasswdConfig>,
     /// `auth.token`: Bearer tokens from an external token service.
     pub token: Option<TokenConfig>,
+    /// `warming:`: the warming queue shared by every upstream.
+    pub warming: WarmingLimits,
+    /// `auth.rules` and `auth.groups`: who may pull what; `None` = anyone
+    /// who passes authentication pulls everything.
+    pub access: Option<AccessConfig>,
     /// Paths of configured keys that Kura accepts but does not implement.
     pub ignored_keys: Vec<String>,
 }
@@ -78,6 +88,12 @@ pub struct S3Config {
     pub redirect: bool,
     /// `encrypt` and `keyid`: server-side encryption of what Kura writes.
     pub encryption: Option<S3Encryption>,
+    /// `connecttimeout`: TCP + TLS connection setup to the bucket.
+    pub connect_timeout: Duration,
+    /// `responsetimeout`: longest wait for the bucket's answer to one
+    /// request (an upload part included) and between reads of a body, so a
+    /// hung bucket fails requests instead of holding them forever.
+    pub response_timeout: Duration,
 }
 
 /// Server-side encryption as Distribution's S3 driver asks for it.
@@ -181,6 +197,18 @@ pub struct TokenConfig {
     pub groups_claim: Option<String>,
 }
 
+/// Kura's access rules: files re-read when they change, parsed here too
+/// so that a broken one stops startup and `kura config check` shows them.
+#[derive(Debug, Clone)]
+pub struct AccessConfig {
+    /// `auth.rules.path`.
+    pub rules_path: PathBuf,
+    pub rules: Rules,
+    /// `auth.groups.path`.
+    pub groups_path: Option<PathBuf>,
+    pub groups: Option<Groups>,
+}
+
 /// Security-relevant Distribution keys Kura does not implement: ignoring
 /// them would silently weaken what the operator configured.
 const REFUSED_SECURITY_KEYS: &[&str] =
@@ -236,7 +264,7 @@ pub enum ConfigError {
     #[error("config file {path} is not valid YAML: {source}")]
     Yaml {
         path: PathBuf,
-        source: serde_yaml::Error,
+        source: serde_yaml_ng::Error,
     },
     #[error("invalid value for {key}: {reason}")]
     Invalid { key: String, reason: String },
@@ -330,6 +358,8 @@ impl Config {
             },
             htpasswd: read_htpasswd(keys)?,
             token: read_token(keys)?,
+            warming: warming::read_limits(keys)?,
+            access: read_access(keys)?,
             ignored_keys: ignored_in_list,
         })
     }
@@ -402,6 +432,11 @@ pub fn parse_size(key: &str, raw: &str) -> Result<u64, ConfigError> {
     Ok((value * multiplier as f64) as u64)
 }
 
+/// Default `storage.s3.connecttimeout`.
+const S3_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `storage.s3.responsetimeout`: a 5 MiB part at 170 KiB/s.
+const S3_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn read_s3(keys: &mut KeyReader) -> Result<Option<S3Config>, ConfigError> {
     if !keys.exists("storage.s3") {
         return Ok(None);
@@ -433,6 +468,12 @@ fn read_s3(keys: &mut KeyReader) -> Result<Option<S3Config>, ConfigError> {
             .unwrap_or_else(|| "/".to_owned()),
         redirect: !keys.bool("storage.redirect.disable")?.unwrap_or(false),
         encryption: read_s3_encryption(keys)?,
+        connect_timeout: keys
+            .duration("storage.s3.connecttimeout")?
+            .unwrap_or(S3_CONNECT_TIMEOUT),
+        response_timeout: keys
+            .duration("storage.s3.responsetimeout")?
+            .unwrap_or(S3_RESPONSE_TIMEOUT),
     }))
 }
 
@@ -560,9 +601,56 @@ fn read_token(keys: &mut KeyReader) -> Result<Option<TokenConfig>, ConfigError> 
                 .filter(|path| !path.is_empty())
                 .unwrap_or_else(|| DEFAULT_AUTO_REDIRECT_PATH.to_owned())
         }),
-        signing_algorithms: keys.string_list("auth.token.signingalgorithms")?,
+        signing_algorithms: keys
+            .strings("auth.token.signingalgorithms")?
+            .unwrap_or_default(),
         groups_claim: keys.string("auth.token.groupsclaim")?,
     }))
+}
+
+fn read_access(keys: &mut KeyReader) -> Result<Option<AccessConfig>, ConfigError> {
+    let rules_path = keys.string("auth.rules.path")?;
+    let groups_path = keys.string("auth.groups.path")?;
+    // Anything else under these keys (rules written inline) would be
+    // ignored, leaving everything open: refused instead.
+    for (key, path) in [("auth.rules", &rules_path), ("auth.groups", &groups_path)] {
+        if keys.exists(key) && path.is_none() {
+            return Err(invalid(
+                &format!("{key}.path"),
+                format!("{key} takes a path to its own file, re-read when it changes"),
+            ));
+        }
+    }
+    let Some(rules_path) = rules_path else {
+        return match groups_path {
+            Some(_) => Err(invalid(
+                "auth.groups.path",
+                "only used with auth.rules.path",
+            )),
+            None => Ok(None),
+        };
+    };
+    let rules = read_parsed("auth.rules.path", &rules_path, Rules::parse)?;
+    let groups = groups_path
+        .as_ref()
+        .map(|path| read_parsed("auth.groups.path", path, Groups::parse))
+        .transpose()?;
+    Ok(Some(AccessConfig {
+        rules_path: rules_path.into(),
+        rules,
+        groups_path: groups_path.map(PathBuf::from),
+        groups,
+    }))
+}
+
+fn read_parsed<T>(
+    key: &str,
+    path: &str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {path}: {e}")))?;
+    parse(&text).map_err(|reason| invalid(key, format!("{path}: {reason}")))
 }
 
 fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
@@ -570,7 +658,7 @@ fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    let value: Value = serde_yaml::from_str(&text).map_err(|source| ConfigError::Yaml {
+    let value: Value = serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Yaml {
         path: path.to_owned(),
         source,
     })?;

@@ -11,6 +11,7 @@ use base64::Engine as _;
 use reqwest::Url;
 
 use super::keys::KeyReader;
+use super::warming::{UpstreamWarming, read_upstream_warming};
 use super::{ConfigError, DOCKER_HUB_URL, Secret, invalid};
 
 /// Host names under which Docker Hub's registry is known.
@@ -43,6 +44,9 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// `maxconnections`: concurrent upstream requests at most.
     pub max_connections: usize,
+    /// `events`, `warm`, `warmbudget`: push events and scheduled sync
+    /// (never inherited from `proxy:`).
+    pub warming: UpstreamWarming,
 }
 
 impl UpstreamConfig {
@@ -125,6 +129,7 @@ pub fn read_upstream(
         max_connections: keys
             .count(&key("maxconnections"))?
             .unwrap_or(base.max_connections),
+        warming: read_upstream_warming(keys, prefix)?,
     })
 }
 
@@ -143,6 +148,7 @@ pub fn builtin_defaults() -> UpstreamConfig {
         response_timeout: Duration::from_millis(2500),
         idle_timeout: Duration::from_secs(30),
         max_connections: 32,
+        warming: UpstreamWarming::default(),
     }
 }
 

@@ -30,7 +30,8 @@ pub const MAX_REPOSITORIES: usize = 100_000;
 /// How long one listing may run before its waiters get an error.
 const LISTING_DEADLINE: Duration = Duration::from_secs(120);
 
-pub type Listing = Result<Arc<BTreeSet<String>>, String>;
+pub type Names = Arc<BTreeSet<String>>;
+pub type Listing = Result<Names, String>;
 
 #[derive(Default)]
 struct State {
@@ -67,11 +68,31 @@ impl Catalog {
         self.state.lock().expect("catalog lock")
     }
 
-    /// A page of the cached names, if the listing is recent enough.
-    pub fn fresh_page(&self, n: Option<usize>, last: Option<&str>) -> Option<Page> {
+    /// A page of the cached names the client may see, if the listing is
+    /// recent enough.
+    pub fn fresh_page(
+        &self,
+        n: Option<usize>,
+        last: Option<&str>,
+        visible: impl Fn(&str) -> bool,
+    ) -> Option<Page> {
         let state = self.state();
         let fresh = state.listed_at.is_some_and(|at| at.elapsed() < REFRESH);
-        fresh.then(|| page(&state.names, n, last))
+        fresh.then(|| page(&state.names, n, last, visible))
+    }
+
+    /// A page of the kept names however old the listing (the dashboard
+    /// shows it while a new listing runs); `None` with none kept (never
+    /// listed, or more names than the bound).
+    pub fn kept_page(
+        &self,
+        n: Option<usize>,
+        last: Option<&str>,
+        visible: impl Fn(&str) -> bool,
+    ) -> Option<Page> {
+        let state = self.state();
+        let kept = state.listed_at.is_some() || !state.names.is_empty();
+        kept.then(|| page(&state.names, n, last, visible))
     }
 
     /// Runs `list` unless a listing is under way already (then joins it),
@@ -135,10 +156,19 @@ impl Catalog {
 }
 
 /// Paging as the distribution spec defines it: names after `last`, at most
-/// `n` of them.
-pub fn page(names: &BTreeSet<String>, n: Option<usize>, last: Option<&str>) -> Page {
+/// `n` of them, counting only those the client may see (so a page is short
+/// only at the end). One pass over the names after `last` at most: the
+/// set is bounded ([`MAX_REPOSITORIES`] in memory, else one listing).
+pub fn page(
+    names: &BTreeSet<String>,
+    n: Option<usize>,
+    last: Option<&str>,
+    visible: impl Fn(&str) -> bool,
+) -> Page {
     let after = last.map_or(Bound::Unbounded, Bound::Excluded);
-    let mut rest = names.range::<str, _>((after, Bound::Unbounded));
+    let mut rest = names
+        .range::<str, _>((after, Bound::Unbounded))
+        .filter(|name| visible(name));
     let take = n.unwrap_or(usize::MAX);
     let items: Vec<String> = rest.by_ref().take(take).cloned().collect();
     Page {
@@ -158,20 +188,46 @@ mod tests {
     #[test]
     fn pages_follow_last_and_n() {
         let all = names(&["a", "b/c", "d"]);
-        let first = page(&all, Some(2), None);
+        let first = page(&all, Some(2), None, |_| true);
         assert_eq!(
             (first.items.as_slice(), first.more),
             (&["a".to_owned(), "b/c".to_owned()][..], true)
         );
-        let rest = page(&all, Some(2), Some("b/c"));
+        let rest = page(&all, Some(2), Some("b/c"), |_| true);
         assert_eq!((rest.items, rest.more), (vec!["d".to_owned()], false));
-        assert!(page(&all, Some(0), None).items.is_empty());
+        assert!(page(&all, Some(0), None, |_| true).items.is_empty());
+    }
+
+    #[test]
+    fn filtered_pages_are_full_until_the_last() {
+        let all: BTreeSet<String> = (0..1000).map(|i| format!("r{i:04}")).collect();
+        let visible = |name: &str| name.ends_with('7');
+        let mut last = None;
+        let mut seen = Vec::new();
+        loop {
+            let page = page(&all, Some(30), last.as_deref(), visible);
+            if page.more {
+                assert_eq!(page.items.len(), 30, "no short page while more exist");
+            }
+            seen.extend(page.items.iter().cloned());
+            last = page.items.last().cloned();
+            if !page.more {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 100);
+        assert!(seen.iter().all(|name| visible(name)));
+        let hidden_last = page(&all, Some(5), Some("r0008"), visible);
+        assert_eq!(hidden_last.items[0], "r0017", "a hidden `last` still pages");
     }
 
     #[tokio::test]
     async fn a_noted_repository_shows_at_once_and_one_noted_while_listing_is_kept() {
         let catalog = Arc::new(Catalog::default());
-        assert!(catalog.fresh_page(None, None).is_none(), "never listed");
+        assert!(
+            catalog.fresh_page(None, None, |_| true).is_none(),
+            "never listed"
+        );
         catalog.note("early");
         let during = Arc::clone(&catalog);
         let listed = catalog
@@ -183,9 +239,13 @@ mod tests {
             .unwrap();
         assert_eq!(*listed, names(&["during", "listed"]));
         catalog.note("after");
-        let page = catalog.fresh_page(None, None).expect("fresh");
+        let page = catalog.fresh_page(None, None, |_| true).expect("fresh");
         assert_eq!(page.items, ["after", "during", "listed"]);
         catalog.invalidate();
-        assert!(catalog.fresh_page(None, None).is_none());
+        assert!(catalog.fresh_page(None, None, |_| true).is_none());
+        let kept = catalog
+            .kept_page(None, None, |_| true)
+            .expect("kept for the dashboard");
+        assert_eq!(kept.items, ["after", "during", "listed"]);
     }
 }

@@ -246,6 +246,20 @@ impl Storage {
         self.objects.delete(&link.key()).await
     }
 
+    /// The manifests a repository has cached (its revision links), at most
+    /// `limit` of them: a repository's own listing, never every namespace.
+    pub async fn manifest_digests(&self, name: &RepoName, limit: usize) -> io::Result<Vec<Digest>> {
+        let prefix = format!("{}{REVISIONS}", self.repo_key(name));
+        let keys = self.objects.list(&prefix).await?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|(key, _)| {
+                Digest::parse(&format!("sha256:{}", key.strip_prefix(&prefix)?)).ok()
+            })
+            .take(limit)
+            .collect())
+    }
+
     /// Cached tags of a repository, sorted.
     pub async fn list_tags(&self, name: &RepoName) -> io::Result<Vec<String>> {
         let prefix = format!("{}{TAGS}", self.repo_key(name));
@@ -278,15 +292,49 @@ impl Storage {
         Ok(repositories.into_iter().collect())
     }
 
-    /// A page of [`Storage::list_repositories`], from the in-memory
-    /// catalog while it is fresh, else after one (shared) listing.
-    pub async fn catalog_page(&self, n: Option<usize>, last: Option<&str>) -> io::Result<Page> {
-        if let Some(page) = self.catalog.fresh_page(n, last) {
+    /// A page of [`Storage::list_repositories`] counting only names
+    /// `visible` accepts, from the in-memory catalog while it is fresh,
+    /// else after one (shared) listing.
+    pub async fn catalog_page(
+        &self,
+        n: Option<usize>,
+        last: Option<&str>,
+        visible: impl Fn(&str) -> bool,
+    ) -> io::Result<Page> {
+        if let Some(page) = self.catalog.fresh_page(n, last, &visible) {
             return Ok(page);
         }
+        let listing = self.relist_catalog().await?;
+        Ok(catalog::page(&listing, n, last, visible))
+    }
+
+    /// For the dashboard: a page of the names `visible` accepts from the
+    /// last listing however old, while a new one (shared, one at a time)
+    /// runs in the background; only with no listing kept at all does it
+    /// wait for one.
+    pub async fn catalog_search(
+        &self,
+        n: Option<usize>,
+        last: Option<&str>,
+        visible: impl Fn(&str) -> bool,
+    ) -> io::Result<Page> {
+        if let Some(page) = self.catalog.fresh_page(n, last, &visible) {
+            return Ok(page);
+        }
+        if let Some(page) = self.catalog.kept_page(n, last, &visible) {
+            let storage = self.clone();
+            tokio::spawn(async move { storage.relist_catalog().await });
+            return Ok(page);
+        }
+        let listing = self.relist_catalog().await?;
+        Ok(catalog::page(&listing, n, last, visible))
+    }
+
+    /// Lists every repository into the catalog (joining a listing under
+    /// way).
+    async fn relist_catalog(&self) -> io::Result<catalog::Names> {
         let storage = self.clone();
-        let listing = self
-            .catalog
+        self.catalog
             .relist(async move {
                 let links = storage.list_manifest_links().await;
                 links
@@ -294,8 +342,7 @@ impl Storage {
                     .map_err(|e| e.to_string())
             })
             .await
-            .map_err(io::Error::other)?;
-        Ok(catalog::page(&listing, n, last))
+            .map_err(io::Error::other)
     }
 
     /// Tags of a link's repository that point at the link's manifest.

@@ -104,8 +104,8 @@ impl Objects {
             }
         };
         let op = Operator::new(builder).map_err(io::Error::from)?;
-        let context =
-            OperationContext::new().with_http_transport(HttpTransporter::new(s3_transport()?));
+        let context = OperationContext::new()
+            .with_http_transport(HttpTransporter::new(s3_transport(config)?));
         Ok(Objects::S3 {
             op: op.with_context(context),
             redirect: config.redirect,
@@ -344,7 +344,7 @@ impl ObjectReader {
 /// provider the rest of Kura uses) trusting the Mozilla roots compiled in,
 /// like the upstream client, so a `FROM scratch` image with no CA files on
 /// disk reaches HTTPS endpoints.
-fn s3_transport() -> io::Result<ReqwestTransport> {
+fn s3_transport(config: &S3Config) -> io::Result<ReqwestTransport> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -355,6 +355,11 @@ fn s3_transport() -> io::Result<ReqwestTransport> {
         .with_no_client_auth();
     let client = reqwest_s3::Client::builder()
         .tls_backend_preconfigured(tls)
+        .connect_timeout(config.connect_timeout)
+        // reqwest's read timeout runs from the request's start to its
+        // response headers, then between body reads: a hung bucket fails a
+        // request, where without it a cached blob's client waited forever.
+        .read_timeout(config.response_timeout)
         .build()
         .map_err(io::Error::other)?;
     Ok(ReqwestTransport::new(client))

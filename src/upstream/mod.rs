@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod courtesy;
+pub mod health;
 mod link;
 mod ratelimit;
 pub mod referrers;
@@ -104,6 +105,15 @@ impl UpstreamError {
         }
     }
 
+    /// Why no answer came (for an [`UpstreamError::Unreachable`]), else
+    /// what kind of answer it was.
+    fn reason(&self) -> &str {
+        match self {
+            UpstreamError::Unreachable(reason) | UpstreamError::Unusable(reason) => reason,
+            UpstreamError::Status { .. } => "an error status",
+        }
+    }
+
     /// Whether the upstream said "this does not exist" (as opposed to
     /// failing): the one case where cached state should be forgotten.
     pub fn is_not_found(&self) -> bool {
@@ -121,6 +131,9 @@ pub struct ManifestMeta {
 pub struct Upstream {
     /// The registry name, or `proxy` for the default upstream (metrics, logs).
     label: String,
+    /// The registry as access rules name it: the configured name, else
+    /// `docker.io` for Docker Hub, else the remote URL's host (and port).
+    rule_registry: String,
     base: Url,
     http: reqwest::Client,
     auth: Authenticator,
@@ -128,6 +141,7 @@ pub struct Upstream {
     response_timeout: Duration,
     idle_timeout: Duration,
     courtesy: Courtesy,
+    health: health::Health,
 }
 
 /// An upstream response that holds one of the capped connection slots
@@ -212,6 +226,12 @@ impl Upstream {
         });
         let docker_hub = config.is_docker_hub();
         let label = config.name.clone().unwrap_or_else(|| "proxy".to_owned());
+        let rule_registry = match (&config.name, docker_hub) {
+            (Some(name), _) => name.clone(),
+            (None, true) => "docker.io".to_owned(),
+            // The default upstream's first alias is its host (and port).
+            (None, false) => config.aliases().swap_remove(0),
+        };
         Ok(Self {
             base: config.url.clone(),
             auth: Authenticator::new(
@@ -221,7 +241,9 @@ impl Upstream {
                 label.clone(),
             ),
             courtesy: Courtesy::new(config.max_connections, &label),
+            health: health::Health::default(),
             label,
+            rule_registry,
             http,
             docker_hub,
             response_timeout: config.response_timeout,
@@ -229,8 +251,19 @@ impl Upstream {
         })
     }
 
+    /// Requests, failures and the last failure, for the dashboard.
+    pub fn health(&self) -> health::HealthSnapshot {
+        self.health.snapshot()
+    }
+
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// `<registry>/<repository>` as access rules match it, the repository
+    /// as the upstream knows it (`docker.io/library/alpine` for `alpine`).
+    pub fn rule_name(&self, name: &RepoName) -> String {
+        format!("{}/{}", self.rule_registry, self.upstream_name(name))
     }
 
     /// The longest a shared fetch of metadata (a tag revalidation: HEAD,
@@ -346,6 +379,10 @@ impl Upstream {
                 .map_err(|_| UpstreamError::Unreachable("timed out waiting for a response".into()))
                 .and_then(|result| result.map_err(UpstreamError::from_transport));
             self.record(sent.as_ref().ok().map(|r| r.status().as_u16()));
+            self.health.record(match &sent {
+                Ok(response) => Ok(response.status().as_u16()),
+                Err(err) => Err(err.reason()),
+            });
             let response = sent?;
             ratelimit::observe(&self.label, response.headers());
             if response.status() == StatusCode::UNAUTHORIZED && attempt == 0 {

@@ -53,32 +53,16 @@ pub fn skopeo_copy(
     dest_dir: &Path,
     all: bool,
 ) -> LandedContent {
-    skopeo_copy_with(src_registry_addr, image_ref, dest_dir, all, None)
+    skopeo_copy_as(src_registry_addr, image_ref, dest_dir, all, None)
 }
 
-/// [`skopeo_copy`] of one image, logged in to the source with `--src-creds USER:PASS` (skopeo
-/// answers a Bearer challenge by fetching a token from the realm with them).
+/// [`skopeo_copy`] logged in with `--src-creds user:password` when given.
 pub fn skopeo_copy_as(
-    (user, pass): (&str, &str),
-    src_registry_addr: impl Display,
-    image_ref: &str,
-    dest_dir: &Path,
-) -> LandedContent {
-    skopeo_copy_with(
-        src_registry_addr,
-        image_ref,
-        dest_dir,
-        false,
-        Some(format!("{user}:{pass}")),
-    )
-}
-
-fn skopeo_copy_with(
     src_registry_addr: impl Display,
     image_ref: &str,
     dest_dir: &Path,
     all: bool,
-    creds: Option<String>,
+    credentials: Option<(&str, &str)>,
 ) -> LandedContent {
     let destination = if all {
         format!("dir:{}", dest_dir.display())
@@ -91,8 +75,8 @@ fn skopeo_copy_with(
     let mut cmd = Command::new(require_tool("skopeo"));
     cmd.args(["--insecure-policy", "copy", "--quiet", "--preserve-digests"])
         .arg("--src-tls-verify=false")
-        .args(creds.map(|creds| format!("--src-creds={creds}")))
         .args(all.then_some("--all"))
+        .args(credentials.map(|(user, password)| format!("--src-creds={user}:{password}")))
         .arg(format!("docker://{src_registry_addr}/{image_ref}"))
         .arg(destination);
     run_tool_ok(cmd, TOOL_TIMEOUT);
@@ -209,6 +193,33 @@ pub fn podman_pull_via(registry: &str, location: &str, image: &str) -> PodmanIma
     parse_podman_inspect(&inspect.stdout)
 }
 
+/// [`podman_pull_via`] after `podman login` to the mirror's host (what a
+/// user of a Kura with `auth.htpasswd` does); the credentials stay in the
+/// temp dir's own auth file.
+pub fn podman_login_pull_via(
+    registry: &str,
+    location: &str,
+    image: &str,
+    (user, password): (&str, &str),
+) -> PodmanImage {
+    let dir = temp_dir("kura-podman-");
+    let podman = Podman::new(dir.path(), registry, location);
+    let host = location.split('/').next().unwrap_or(location);
+    podman.run(&[
+        "login",
+        "--tls-verify=false",
+        "-u",
+        user,
+        "-p",
+        password,
+        host,
+    ]);
+    let reference = format!("{registry}/{image}");
+    podman.run(&["pull", "--quiet", &reference]);
+    let inspect = podman.run(&["image", "inspect", "--format", "json", &reference]);
+    parse_podman_inspect(&inspect.stdout)
+}
+
 /// A podman invocation confined to one temp dir.
 struct Podman {
     binary: PathBuf,
@@ -226,6 +237,8 @@ impl Podman {
         let policy = r#"{"default":[{"type":"insecureAcceptAnything"}]}"#;
         std::fs::write(dir.join("policy.json"), policy).expect("write policy.json");
         std::fs::create_dir_all(dir.join("tmp")).expect("podman tmp dir");
+        // Podman's own auth file (never the host's), which it insists exists.
+        std::fs::write(dir.join("auth.json"), r#"{"auths":{}}"#).expect("write auth.json");
         Self {
             binary: require_tool("podman"),
             dir: dir.to_owned(),
@@ -239,6 +252,7 @@ impl Podman {
             self.dir.join("registries.conf"),
         )
         .env("TMPDIR", self.dir.join("tmp"))
+        .env("REGISTRY_AUTH_FILE", self.dir.join("auth.json"))
         .arg("--root")
         .arg(self.dir.join("root"))
         .arg("--runroot")
@@ -443,10 +457,27 @@ pub fn ctr_pull_via(
     mirror: &str,
     image: &str,
 ) -> CtrImage {
+    ctr_pull_via_as(containerd, registry, mirror, image, None)
+}
+
+/// [`ctr_pull_via`] with `--user user:password` when given.
+pub fn ctr_pull_via_as(
+    containerd: &Containerd,
+    registry: &str,
+    mirror: &str,
+    image: &str,
+    credentials: Option<(&str, &str)>,
+) -> CtrImage {
     let hosts = containerd.hosts_dir(registry, mirror);
     let reference = format!("{registry}/{image}");
     let hosts_dir = hosts.path().to_string_lossy().into_owned();
-    containerd.ctr_ok(&["images", "pull", "--hosts-dir", &hosts_dir, &reference]);
+    let mut args = vec!["images", "pull", "--hosts-dir", &hosts_dir];
+    let user = credentials.map(|(user, password)| format!("{user}:{password}"));
+    if let Some(user) = &user {
+        args.extend(["--user", user]);
+    }
+    args.push(&reference);
+    containerd.ctr_ok(&args);
     let (target_digest, media_type) = containerd.image_record(&reference);
     CtrImage {
         target_digest,

@@ -30,6 +30,9 @@ pub struct KuraOptions {
     pub extra_env: Vec<(String, String)>,
     /// Kura serves HTTPS (its config sets `http.tls`): `url()` says so.
     pub tls: bool,
+    /// Listen here instead of a fresh port: for an upstream configured
+    /// with Kura's address before Kura starts (push notifications).
+    pub addr: Option<SocketAddr>,
 }
 
 impl KuraOptions {
@@ -74,7 +77,7 @@ impl Kura {
                 (dir.path().to_owned(), Some(dir))
             }
         };
-        let addr = loopback(free_port());
+        let addr = options.addr.unwrap_or_else(|| loopback(free_port()));
         let process = spawn(&options, addr, &cache_dir, log_dir.path());
         let mut kura = Self {
             process,

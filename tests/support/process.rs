@@ -19,6 +19,7 @@ fn install_command(tool: &str) -> &'static str {
         "podman" => "apt-get install -y podman",
         "containerd" | "ctr" => "apt-get install -y containerd",
         "htpasswd" => "apt-get install -y apache2-utils",
+        "chromium" => "apt-get install -y chromium",
         "moto_server" => "pip install 'moto[server]'",
         _ => "(unknown package)",
     }

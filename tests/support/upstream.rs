@@ -62,6 +62,16 @@ impl Upstream {
         Self::start(UpstreamAuth::Anonymous).await
     }
 
+    /// An anonymous registry that POSTs its push notifications (Distribution's
+    /// `notifications.endpoints`) to `url` with this `Authorization` header.
+    pub async fn notifying(url: &str, authorization: &str) -> Self {
+        Self::start_with(
+            UpstreamAuth::Anonymous,
+            &notifications_yaml(url, authorization),
+        )
+        .await
+    }
+
     /// A registry requiring HTTP Basic credentials (bcrypt htpasswd file).
     pub async fn htpasswd(user: &str, pass: &str) -> Self {
         Self::start(UpstreamAuth::Htpasswd {
@@ -83,12 +93,17 @@ impl Upstream {
     }
 
     async fn start(auth: UpstreamAuth) -> Self {
+        Self::start_with(auth, "").await
+    }
+
+    /// Starts the registry with `extra` appended to its configuration.
+    async fn start_with(auth: UpstreamAuth, extra: &str) -> Self {
         let binary = require_tool("docker-registry");
         let dir = tempfile::Builder::new()
             .prefix("kura-upstream-")
             .tempdir()
             .expect("upstream temp dir");
-        let auth_section = write_auth_files(&auth, dir.path());
+        let auth_section = write_auth_files(&auth, dir.path()) + extra;
         let mut failures = String::new();
         for attempt in 1..=START_ATTEMPTS {
             let registry_addr = loopback(free_port());
@@ -245,6 +260,25 @@ fn write_auth_files(auth: &UpstreamAuth, dir: &Path) -> String {
             )
         }
     }
+}
+
+/// The `notifications:` section README.md shows: every push is POSTed to `url`, blob pushes
+/// left out (`ignoredmediatypes`), with `authorization` as the header Kura checks.
+pub fn notifications_yaml(url: &str, authorization: &str) -> String {
+    format!(
+        "notifications:
+  endpoints:
+    - name: kura
+      url: {url}
+      headers:
+        Authorization: [\"{authorization}\"]
+      timeout: 2s
+      threshold: 5
+      backoff: 1s
+      ignoredmediatypes:
+        - application/octet-stream
+"
+    )
 }
 
 /// `user:$2y$...` from `htpasswd -Bbn` (Distribution accepts bcrypt only).

@@ -1,0 +1,180 @@
+//! A stored manifest as the dashboard shows it: an image's size (its
+//! config and layers as the manifest declares them), an index's
+//! platforms, and for the drill-down each descriptor with whether Kura
+//! holds it. Manifests are read from storage only, at most
+//! [`MAX_MANIFEST_BYTES`] each; an index's children are read only for the
+//! drill-down, at most [`MAX_ENTRIES`] of them.
+
+use std::io;
+
+use serde::{Deserialize, Serialize};
+
+use crate::reference::{Digest, MAX_MANIFEST_BYTES};
+use crate::storage::Storage;
+
+/// Descriptors (layers, platforms) listed per manifest in a drill-down;
+/// past it the answer says `truncated`.
+pub const MAX_ENTRIES: usize = 256;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Parsed {
+    media_type: Option<String>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    #[serde(default)]
+    pub media_type: Option<String>,
+    pub digest: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Platform {
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+/// What a tag's line in the dashboard says of its manifest.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub media_type: Option<String>,
+    /// Config and layers of an image; `None` for an index (its platforms
+    /// differ; the drill-down sizes each).
+    pub size: Option<u64>,
+    pub layers: usize,
+    pub platforms: usize,
+}
+
+/// A descriptor and whether its content is stored.
+#[derive(Debug, Serialize)]
+pub struct Entry {
+    #[serde(flatten)]
+    pub descriptor: Descriptor,
+    pub cached: bool,
+    /// For a platform's manifest that is stored: its image's size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Detail {
+    pub digest: String,
+    pub media_type: Option<String>,
+    pub bytes: usize,
+    pub size: Option<u64>,
+    pub config: Option<Entry>,
+    pub layers: Vec<Entry>,
+    pub platforms: Vec<Entry>,
+    /// More layers or platforms than [`MAX_ENTRIES`] exist.
+    pub truncated: bool,
+}
+
+/// The manifest's bytes, if stored (and not over the manifest limit).
+pub async fn read(storage: &Storage, digest: &Digest) -> io::Result<Option<Vec<u8>>> {
+    storage.read_blob_within(digest, MAX_MANIFEST_BYTES).await
+}
+
+fn parse(bytes: &[u8]) -> Parsed {
+    serde_json::from_slice(bytes).unwrap_or_default()
+}
+
+/// An image's size: its config and layers as declared; `None` for an
+/// index (or anything that is not an image manifest).
+fn image_size(parsed: &Parsed) -> Option<u64> {
+    let config = parsed.config.as_ref()?;
+    Some(config.size + parsed.layers.iter().map(|l| l.size).sum::<u64>())
+}
+
+pub fn summary(bytes: &[u8]) -> Summary {
+    let parsed = parse(bytes);
+    Summary {
+        size: image_size(&parsed),
+        layers: parsed.layers.len(),
+        platforms: parsed.manifests.len(),
+        media_type: parsed.media_type,
+    }
+}
+
+/// The drill-down of a stored manifest.
+pub async fn detail(storage: &Storage, digest: &Digest, bytes: &[u8]) -> io::Result<Detail> {
+    let parsed = parse(bytes);
+    let truncated = parsed.layers.len().max(parsed.manifests.len()) > MAX_ENTRIES;
+    let config = match &parsed.config {
+        Some(config) => Some(blob_entry(storage, config).await?),
+        None => None,
+    };
+    let mut layers = Vec::new();
+    for layer in parsed.layers.iter().take(MAX_ENTRIES) {
+        layers.push(blob_entry(storage, layer).await?);
+    }
+    let mut platforms = Vec::new();
+    for child in parsed.manifests.iter().take(MAX_ENTRIES) {
+        platforms.push(platform_entry(storage, child).await?);
+    }
+    Ok(Detail {
+        digest: digest.to_string(),
+        size: image_size(&parsed),
+        media_type: parsed.media_type,
+        bytes: bytes.len(),
+        config,
+        layers,
+        platforms,
+        truncated,
+    })
+}
+
+async fn blob_entry(storage: &Storage, descriptor: &Descriptor) -> io::Result<Entry> {
+    let cached = match Digest::parse(&descriptor.digest) {
+        Ok(digest) => storage.blob_size(&digest).await?.is_some(),
+        Err(_) => false,
+    };
+    Ok(Entry {
+        descriptor: descriptor.clone(),
+        cached,
+        image_size: None,
+    })
+}
+
+async fn platform_entry(storage: &Storage, descriptor: &Descriptor) -> io::Result<Entry> {
+    let stored = match Digest::parse(&descriptor.digest) {
+        Ok(digest) => read(storage, &digest).await?,
+        Err(_) => None,
+    };
+    Ok(Entry {
+        descriptor: descriptor.clone(),
+        cached: stored.is_some(),
+        image_size: stored.and_then(|bytes| image_size(&parse(&bytes))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_is_sized_by_config_and_layers_and_an_index_is_not() {
+        let image = br#"{"mediaType":"m","config":{"digest":"c","size":10},
+            "layers":[{"digest":"a","size":100},{"digest":"b","size":1000}]}"#;
+        let seen = summary(image);
+        assert_eq!((seen.size, seen.layers, seen.platforms), (Some(1110), 2, 0));
+        let index = br#"{"manifests":[{"digest":"x","size":5,"platform":{"os":"linux","architecture":"arm64"}}]}"#;
+        let seen = summary(index);
+        assert_eq!((seen.size, seen.platforms), (None, 1));
+        assert_eq!(summary(b"not json").size, None);
+    }
+}
