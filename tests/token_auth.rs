@@ -364,6 +364,17 @@ async fn access_rules_narrow_what_a_token_grants() {
 
     let allowed = ask(&kura.url(), &manifest, Some(&token_for(USER))).await;
     assert_eq!(allowed.status, 200, "{allowed:?}");
+
+    // The dashboard lists repositories: without a token (a browser has none) it shows nothing.
+    let listing = ask(&kura.url(), "/kura/api/v1/repositories", None).await;
+    assert_eq!(listing.status, 401, "{listing:?}");
+    let listing = ask(
+        &kura.url(),
+        "/kura/api/v1/repositories",
+        Some(&token_for(USER)),
+    )
+    .await;
+    assert_eq!(listing.status, 200, "{listing:?}");
 }
 
 /// A Distribution `auth: token:` section passes `kura config check` (which also reads the keys);
