@@ -92,9 +92,9 @@ impl Gate {
             .token
             .as_ref()
             .map(|token| {
-                TokenAuth::load(token).map(Arc::new).map_err(|e| {
-                    io::Error::new(io::ErrorKind::InvalidData, format!("auth.token: {e}"))
-                })
+                TokenAuth::load(token)
+                    .map(Arc::new)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
             })
             .transpose()?;
         let access = config.access.as_ref().map(Access::load).transpose()?;

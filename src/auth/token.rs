@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -37,6 +37,7 @@ use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
+use super::watched::WatchedFile;
 use crate::config::TokenConfig;
 
 /// Clock skew tolerated on `exp` and `nbf`, as Distribution's `Leeway`.
@@ -50,8 +51,6 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 const MAX_CHAIN_LENGTH: usize = 8;
 /// Groups taken from the groups claim; the rest are dropped.
 const MAX_GROUPS: usize = 256;
-/// How often the key files' modification times are looked at.
-const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The asymmetric JWS algorithms Kura verifies. HMAC is refused: a public
 /// certificate must never double as a shared secret.
@@ -175,15 +174,12 @@ impl Rejection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot read {path}: {source}")]
-    Read {
+    #[error("{key}: {path}: {source}")]
+    File {
+        key: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {reason}")]
-    Parse { path: PathBuf, reason: String },
-    #[error("auth.token: no key to verify tokens with (rootcertbundle and jwks hold none)")]
-    NoKeys,
     #[error(
         "auth.token.signingalgorithms: {0:?} is not supported (use ES256, ES384, RS*, PS* or EdDSA)"
     )]
@@ -194,18 +190,24 @@ pub enum KeyError {
 pub struct TokenAuth {
     config: TokenConfig,
     algorithms: Vec<Algorithm>,
-    keys: Mutex<WatchedKeys>,
+    /// `rootcertbundle` and `jwks`, each re-read when it changes.
+    bundle: Option<WatchedFile<Keys>>,
+    jwks: Option<WatchedFile<Keys>>,
     cache: Mutex<TokenCache>,
 }
 
 impl TokenAuth {
-    /// Reads the key files; unreadable or keyless files are a startup error.
+    /// Reads the key files; an unreadable or keyless one is a startup error.
     pub fn load(config: &TokenConfig) -> Result<Self, KeyError> {
-        let keys = WatchedKeys::load(config)?;
         Ok(Self {
             algorithms: accepted_algorithms(&config.signing_algorithms)?,
+            bundle: watch(
+                "auth.token.rootcertbundle",
+                config.root_cert_bundle.as_deref(),
+                parse_bundle,
+            )?,
+            jwks: watch("auth.token.jwks", config.jwks.as_deref(), parse_jwks)?,
             config: config.clone(),
-            keys: Mutex::new(keys),
             cache: Mutex::new(TokenCache::default()),
         })
     }
@@ -263,10 +265,10 @@ impl TokenAuth {
         let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let keys = self.current_keys();
         let now = SystemTime::now();
-        if let Some(grant) = self.lock_cache().get(&fingerprint, keys.generation, now) {
+        if let Some(grant) = self.lock_cache().get(&fingerprint, &keys, now) {
             return Some(grant);
         }
-        let (grant, valid_until) = match self.verify_uncached(token, &keys.keys, now) {
+        let (grant, valid_until) = match self.verify_uncached(token, &keys, now) {
             Ok(verified) => verified,
             Err(reason) => {
                 tracing::debug!(reason, "bearer token refused");
@@ -274,20 +276,15 @@ impl TokenAuth {
             }
         };
         let grant = Arc::new(grant);
-        self.lock_cache().insert(
-            fingerprint,
-            Arc::clone(&grant),
-            keys.generation,
-            valid_until,
-            now,
-        );
+        self.lock_cache()
+            .insert(fingerprint, Arc::clone(&grant), &keys, valid_until, now);
         Some(grant)
     }
 
     fn verify_uncached(
         &self,
         token: &str,
-        keys: &Keys,
+        keys: &KeyRing,
         now: SystemTime,
     ) -> Result<(Grant, SystemTime), &'static str> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| "malformed token")?;
@@ -301,13 +298,14 @@ impl TokenAuth {
         Ok((claims.grant, valid_until))
     }
 
-    /// The keys, re-read first if a file changed (at most once a second).
-    fn current_keys(&self) -> CurrentKeys {
-        let mut watched = self.keys.lock().expect("token keys lock");
-        watched.reload_if_changed(&self.config);
-        CurrentKeys {
-            keys: Arc::clone(&watched.keys),
-            generation: watched.generation,
+    /// The keys of both files, each re-read first if it changed.
+    fn current_keys(&self) -> KeyRing {
+        KeyRing {
+            files: [&self.bundle, &self.jwks]
+                .into_iter()
+                .flatten()
+                .map(WatchedFile::current)
+                .collect(),
         }
     }
 
@@ -491,7 +489,7 @@ fn unix_time(seconds: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(seconds.max(0).unsigned_abs())
 }
 
-/// The keys tokens may be signed with.
+/// The keys of one file.
 #[derive(Default)]
 struct Keys {
     /// DER of the `rootcertbundle` certificates: trust anchors of `x5c`.
@@ -501,7 +499,24 @@ struct Keys {
     by_kid: HashMap<String, Arc<DecodingKey>>,
 }
 
-impl Keys {
+/// The keys tokens may be signed with: those of every configured file, as
+/// they are now.
+#[derive(Clone)]
+struct KeyRing {
+    files: Vec<Arc<Keys>>,
+}
+
+impl KeyRing {
+    /// The very same file contents (not merely equal ones).
+    fn same_as(&self, other: &KeyRing) -> bool {
+        self.files.len() == other.files.len()
+            && self
+                .files
+                .iter()
+                .zip(&other.files)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+
     /// Distribution 2's order of preference: `x5c`, then `jwk`, then `kid`.
     fn signing_key(
         &self,
@@ -522,7 +537,7 @@ impl Keys {
 
     fn named_key(&self, kid: Option<&str>) -> Result<Arc<DecodingKey>, &'static str> {
         kid.filter(|kid| !kid.is_empty())
-            .and_then(|kid| self.by_kid.get(kid))
+            .and_then(|kid| self.files.iter().find_map(|keys| keys.by_kid.get(kid)))
             .cloned()
             .ok_or("token signed by an untrusted key")
     }
@@ -549,8 +564,9 @@ impl Keys {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| "x5c holds a malformed certificate")?;
         let roots = self
-            .roots
+            .files
             .iter()
+            .flat_map(|keys| &keys.roots)
             .filter_map(|der| X509Certificate::from_der(der).ok().map(|(_, cert)| cert))
             .collect::<Vec<_>>();
         let (leaf, intermediates) = certs.split_first().ok_or("empty x5c")?;
@@ -687,21 +703,34 @@ fn jwk_thumbprint(spki: &SubjectPublicKeyInfo) -> Option<String> {
     Some(URL_SAFE_NO_PAD.encode(Sha256::digest(json.as_bytes())))
 }
 
-fn read_bundle(path: &Path) -> Result<Keys, KeyError> {
-    let bytes = read_file(path)?;
-    let parse_error = |reason: String| KeyError::Parse {
-        path: path.to_owned(),
-        reason,
-    };
+/// A key file, watched, when configured.
+fn watch(
+    key: &'static str,
+    path: Option<&Path>,
+    parse: fn(&str) -> Result<Keys, String>,
+) -> Result<Option<WatchedFile<Keys>>, KeyError> {
+    path.map(|path| {
+        WatchedFile::load(path, key, parse).map_err(|source| KeyError::File {
+            key,
+            path: path.to_owned(),
+            source,
+        })
+    })
+    .transpose()
+}
+
+/// `rootcertbundle`: the certificates, trust anchors of `x5c` chains, and
+/// their keys under the names a `kid` may give them.
+fn parse_bundle(text: &str) -> Result<Keys, String> {
     let mut keys = Keys::default();
-    for pem in Pem::iter_from_buffer(&bytes) {
-        let pem = pem.map_err(|e| parse_error(format!("not a PEM bundle: {e}")))?;
+    for pem in Pem::iter_from_buffer(text.as_bytes()) {
+        let pem = pem.map_err(|e| format!("not a PEM bundle: {e}"))?;
         if pem.label != "CERTIFICATE" {
             continue;
         }
         let cert = pem
             .parse_x509()
-            .map_err(|e| parse_error(format!("malformed certificate: {e}")))?;
+            .map_err(|e| format!("malformed certificate: {e}"))?;
         if let Ok(key) = decoding_key(cert.public_key()) {
             let key = Arc::new(key);
             for id in key_ids(cert.public_key()) {
@@ -710,120 +739,49 @@ fn read_bundle(path: &Path) -> Result<Keys, KeyError> {
         }
         keys.roots.push(pem.contents.clone());
     }
-    Ok(keys)
+    // Taken as the operator's mistake (or a file caught mid-write): at
+    // startup an error, on reload the last good keys stay.
+    match keys.roots.is_empty() {
+        true => Err("no certificate in the bundle".into()),
+        false => Ok(keys),
+    }
 }
 
-fn read_jwks(path: &Path, keys: &mut Keys) -> Result<(), KeyError> {
-    let bytes = read_file(path)?;
-    let set: JwkSet = serde_json::from_slice(&bytes).map_err(|e| KeyError::Parse {
-        path: path.to_owned(),
-        reason: format!("not a JWKS: {e}"),
-    })?;
+/// `jwks`: keys by their `kid`; symmetric ones and ones without a `kid`
+/// are left out (and said so).
+fn parse_jwks(text: &str) -> Result<Keys, String> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut keys = Keys::default();
     for jwk in &set.keys {
         let Some(kid) = jwk.common.key_id.clone().filter(|kid| !kid.is_empty()) else {
-            tracing::warn!(path = %path.display(), "JWKS key without kid ignored: tokens cannot name it");
+            tracing::warn!("JWKS key without kid ignored: tokens cannot name it");
             continue;
         };
         if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
-            tracing::warn!(path = %path.display(), kid, "symmetric JWKS key ignored");
+            tracing::warn!(kid, "symmetric JWKS key ignored");
             continue;
         }
         match DecodingKey::from_jwk(jwk) {
             Ok(key) => {
                 keys.by_kid.insert(kid, Arc::new(key));
             }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), kid, error = %e, "unusable JWKS key ignored")
-            }
+            Err(e) => tracing::warn!(kid, error = %e, "unusable JWKS key ignored"),
         }
     }
-    Ok(())
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>, KeyError> {
-    std::fs::read(path).map_err(|source| KeyError::Read {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn read_keys(config: &TokenConfig) -> Result<Keys, KeyError> {
-    let mut keys = match &config.root_cert_bundle {
-        Some(path) => read_bundle(path)?,
-        None => Keys::default(),
-    };
-    if let Some(path) = &config.jwks {
-        read_jwks(path, &mut keys)?;
+    match keys.by_kid.is_empty() {
+        true => Err("no usable key (asymmetric, with a kid) in the JWKS".into()),
+        false => Ok(keys),
     }
-    if keys.roots.is_empty() && keys.by_kid.is_empty() {
-        return Err(KeyError::NoKeys);
-    }
-    Ok(keys)
-}
-
-/// The key files as last read, re-read when either changes.
-struct WatchedKeys {
-    keys: Arc<Keys>,
-    /// Bumped on every reload, so cached grants of old keys are not used.
-    generation: u64,
-    modified: Vec<Option<SystemTime>>,
-    checked_at: Instant,
-}
-
-struct CurrentKeys {
-    keys: Arc<Keys>,
-    generation: u64,
-}
-
-impl WatchedKeys {
-    fn load(config: &TokenConfig) -> Result<Self, KeyError> {
-        Ok(Self {
-            modified: modification_times(config),
-            keys: Arc::new(read_keys(config)?),
-            generation: 0,
-            checked_at: Instant::now(),
-        })
-    }
-
-    fn reload_if_changed(&mut self, config: &TokenConfig) {
-        if self.checked_at.elapsed() < RECHECK_INTERVAL {
-            return;
-        }
-        self.checked_at = Instant::now();
-        let modified = modification_times(config);
-        if modified == self.modified {
-            return;
-        }
-        match read_keys(config) {
-            Ok(keys) => {
-                tracing::info!(
-                    keys = keys.by_kid.len(),
-                    roots = keys.roots.len(),
-                    "token signing keys reloaded"
-                );
-                self.keys = Arc::new(keys);
-                self.generation += 1;
-                self.modified = modified;
-            }
-            // Keep the last good keys rather than locking everyone out.
-            Err(e) => tracing::warn!(error = %e, "cannot reload token signing keys"),
-        }
-    }
-}
-
-fn modification_times(config: &TokenConfig) -> Vec<Option<SystemTime>> {
-    [&config.root_cert_bundle, &config.jwks]
-        .into_iter()
-        .flatten()
-        .map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
-        .collect()
 }
 
 /// Verified tokens by SHA-256, at most [`MAX_CACHED_TOKENS`], each until
-/// its expiry (plus leeway) and only under the keys that verified it.
+/// its expiry (plus leeway) and only while the keys that verified it are
+/// the current ones.
 #[derive(Default)]
 struct TokenCache {
     entries: HashMap<[u8; 32], CachedGrant>,
+    /// The keys every entry was verified with.
+    keys: Option<KeyRing>,
     /// A counter standing in for time: the entry with the smallest
     /// `last_used` is the least recently used.
     clock: u64,
@@ -831,7 +789,6 @@ struct TokenCache {
 
 struct CachedGrant {
     grant: Arc<Grant>,
-    generation: u64,
     valid_until: SystemTime,
     last_used: u64,
 }
@@ -840,12 +797,18 @@ impl TokenCache {
     fn get(
         &mut self,
         fingerprint: &[u8; 32],
-        generation: u64,
+        keys: &KeyRing,
         now: SystemTime,
     ) -> Option<Arc<Grant>> {
         self.clock += 1;
+        if !self.verified_with(keys) {
+            // The keys changed: what they verified may no longer hold.
+            self.entries.clear();
+            self.keys = Some(keys.clone());
+            return None;
+        }
         let entry = self.entries.get_mut(fingerprint)?;
-        if entry.generation != generation || now > entry.valid_until {
+        if now > entry.valid_until {
             self.entries.remove(fingerprint);
             return None;
         }
@@ -857,31 +820,39 @@ impl TokenCache {
         &mut self,
         fingerprint: [u8; 32],
         grant: Arc<Grant>,
-        generation: u64,
+        keys: &KeyRing,
         valid_until: SystemTime,
         now: SystemTime,
     ) {
+        // Verified with keys replaced meanwhile: not remembered.
+        if !self.verified_with(keys) {
+            return;
+        }
         if self.entries.len() >= MAX_CACHED_TOKENS && !self.entries.contains_key(&fingerprint) {
-            self.make_room(generation, now);
+            self.make_room(now);
         }
         self.clock += 1;
         self.entries.insert(
             fingerprint,
             CachedGrant {
                 grant,
-                generation,
                 valid_until,
                 last_used: self.clock,
             },
         );
     }
 
-    /// Drops what can no longer be used; if that frees nothing, the least
-    /// recently used entry. A scan of at most [`MAX_CACHED_TOKENS`], paid
-    /// only by a request that also paid for a signature check.
-    fn make_room(&mut self, generation: u64, now: SystemTime) {
-        self.entries
-            .retain(|_, entry| entry.generation == generation && now <= entry.valid_until);
+    fn verified_with(&self, keys: &KeyRing) -> bool {
+        self.keys
+            .as_ref()
+            .is_some_and(|cached| cached.same_as(keys))
+    }
+
+    /// Drops what has expired; if that frees nothing, the least recently
+    /// used entry. A scan of at most [`MAX_CACHED_TOKENS`], paid only by a
+    /// request that also paid for a signature check.
+    fn make_room(&mut self, now: SystemTime) {
+        self.entries.retain(|_, entry| now <= entry.valid_until);
         if self.entries.len() < MAX_CACHED_TOKENS {
             return;
         }
@@ -1147,12 +1118,12 @@ mod tests {
 
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(config.root_cert_bundle.as_ref().unwrap(), new.cert.pem()).unwrap();
-        auth.keys.lock().unwrap().checked_at = Instant::now() - RECHECK_INTERVAL * 2;
+        auth.bundle.as_ref().unwrap().recheck_now();
         assert!(!accepts(&auth, &old_token), "cached grant of a removed key");
         assert!(accepts(&auth, &new.sign_x5c(&[&new], &claims())));
 
         std::fs::write(config.root_cert_bundle.as_ref().unwrap(), "not pem").unwrap();
-        auth.keys.lock().unwrap().checked_at = Instant::now() - RECHECK_INTERVAL * 2;
+        auth.bundle.as_ref().unwrap().recheck_now();
         assert!(
             accepts(&auth, &new.sign_x5c(&[&new], &claims())),
             "a broken file keeps the last good keys"
@@ -1162,6 +1133,9 @@ mod tests {
     #[test]
     fn the_token_cache_stays_bounded_and_keeps_what_is_in_use() {
         let mut cache = TokenCache::default();
+        let keys = KeyRing {
+            files: vec![Arc::new(Keys::default())],
+        };
         let now = SystemTime::now();
         let later = now + Duration::from_secs(600);
         let grant = Arc::new(Grant {
@@ -1171,11 +1145,12 @@ mod tests {
         });
         let fingerprint = |i: usize| -> [u8; 32] { Sha256::digest(i.to_le_bytes()).into() };
         let kept = fingerprint(usize::MAX);
-        cache.insert(kept, Arc::clone(&grant), 0, later, now);
+        assert!(cache.get(&kept, &keys, now).is_none());
+        cache.insert(kept, Arc::clone(&grant), &keys, later, now);
         for i in 0..10 * MAX_CACHED_TOKENS {
-            cache.insert(fingerprint(i), Arc::clone(&grant), 0, later, now);
+            cache.insert(fingerprint(i), Arc::clone(&grant), &keys, later, now);
             assert!(
-                cache.get(&kept, 0, now).is_some(),
+                cache.get(&kept, &keys, now).is_some(),
                 "in use, so never evicted"
             );
             assert!(cache.len() <= MAX_CACHED_TOKENS);
@@ -1183,15 +1158,23 @@ mod tests {
         assert_eq!(cache.len(), MAX_CACHED_TOKENS);
         assert!(
             cache
-                .get(&kept, 0, later + Duration::from_secs(1))
+                .get(&kept, &keys, later + Duration::from_secs(1))
                 .is_none(),
             "never past its expiry"
         );
+        let reloaded = KeyRing {
+            files: vec![Arc::new(Keys::default())],
+        };
         assert!(
-            cache
-                .get(&fingerprint(10 * MAX_CACHED_TOKENS - 1), 1, now)
-                .is_none(),
+            cache.get(&fingerprint(1), &reloaded, now).is_none(),
             "never under other keys"
+        );
+        assert_eq!(cache.len(), 0);
+        cache.insert(kept, grant, &keys, later, now);
+        assert_eq!(
+            cache.len(),
+            0,
+            "verified with replaced keys: not remembered"
         );
     }
 

@@ -132,7 +132,7 @@ pub fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("auth.token: {e}");
+                    eprintln!("kura: {e}");
                     ExitCode::from(2)
                 }
             },
