@@ -1,6 +1,6 @@
 //! A file Kura reads once and re-reads when it changes on disk (htpasswd,
-//! access rules, groups, token signing keys): the operator edits it and the next request sees
-//! the new content, without a restart.
+//! access rules, groups, token signing keys): the operator edits it and
+//! the next request sees the new content, without a restart.
 //!
 //! The file's modification time and size are looked at no more than once
 //! per [`RECHECK_INTERVAL`], on the request path (one `stat`), so an idle
