@@ -11,6 +11,7 @@ pub mod blobs;
 pub mod download;
 mod follower;
 pub mod manifests;
+pub mod policy;
 pub mod referrers;
 pub mod tags;
 
@@ -25,6 +26,7 @@ use crate::upstream::{Upstream, UpstreamError};
 pub use blobs::{BlobBody, BlobStat};
 pub use download::Admission;
 pub use manifests::Manifest;
+pub use policy::ContentPolicy;
 pub use referrers::Referrers;
 
 pub struct Cache {
