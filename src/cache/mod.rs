@@ -6,6 +6,8 @@
 //! - [`blobs`]: blob downloads that stream to clients while filling the cache.
 //! - [`tags`]: tag lists, from upstream (every page) or from what is cached.
 //! - [`referrers`]: a subject's referrers (API or tag schema), cached like a tag.
+//! - [`policy`]: which repositories and tags the upstream's content policy
+//!   admits; [`Cache::admit`] asks it before anything else on every path.
 
 pub mod blobs;
 pub mod download;
@@ -27,6 +29,7 @@ pub use blobs::{BlobBody, BlobStat};
 pub use download::Admission;
 pub use manifests::Manifest;
 pub use policy::ContentPolicy;
+use policy::Verdict;
 pub use referrers::Referrers;
 
 pub struct Cache {
@@ -44,6 +47,8 @@ pub struct Cache {
     /// A referrers fetch may try the API, then revalidate the referrers
     /// tag: twice a metadata fetch's deadline.
     referrer_flights: Flights<(RepoName, Digest), Result<Referrers, ApiError>>,
+    /// `policy`: what of this upstream is fetched and served at all.
+    policy: ContentPolicy,
 }
 
 impl Cache {
@@ -61,10 +66,16 @@ impl Cache {
             downloads: download::Downloads::new(admission),
             referrers_ttl: tag_ttl,
             referrer_flights: Flights::new(2 * upstream.fetch_deadline()),
+            policy: ContentPolicy::default(),
             storage,
             upstream,
             tag_ttl,
         }
+    }
+
+    /// Serves only what `policy` admits.
+    pub fn with_policy(self, policy: ContentPolicy) -> Self {
+        Self { policy, ..self }
     }
 
     /// Referrers lists fresh for `ttl` instead of `tagttl`.
@@ -80,6 +91,22 @@ impl Cache {
     /// The upstream's label (registry name, or `proxy`).
     pub fn upstream_label(&self) -> &str {
         self.upstream.label()
+    }
+
+    /// The content policy's decision, taken first by every public method
+    /// that serves content (manifests, blobs, tag lists, referrers), before
+    /// storage or upstream are asked: so a refused repository is neither
+    /// fetched nor served from what was cached before the policy changed.
+    /// `tag` is the tag a manifest is asked for by, if any.
+    fn admit(&self, name: &RepoName, tag: Option<&Tag>) -> Result<(), ApiError> {
+        let repository = self.upstream.upstream_name(name);
+        let message = match self.policy.decide(&repository, tag.map(Tag::as_str)) {
+            Verdict::Allowed => return Ok(()),
+            Verdict::RepositoryRefused => "repository not allowed by this cache's policy",
+            Verdict::TagRefused => "tag not allowed by this cache's policy",
+        };
+        tracing::debug!(%name, tag = tag.map(Tag::as_str), message, "refused");
+        Err(ApiError::new(ErrorCode::Denied, message))
     }
 }
 
