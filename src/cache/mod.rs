@@ -189,3 +189,49 @@ fn bookkeeping_failed(what: &str, name: &RepoName, err: impl std::fmt::Display) 
 fn storage_error(err: impl std::fmt::Display) -> ApiError {
     ApiError::internal(format!("storage: {err}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::policy::PolicyPatterns;
+    use crate::config::UpstreamConfig;
+
+    /// A Docker Hub cache that denies `library/alpine`; nothing here
+    /// reaches the network or storage.
+    fn hub_cache_denying(deny: &str) -> Cache {
+        let config = UpstreamConfig {
+            url: "https://registry-1.docker.io".parse().unwrap(),
+            ..crate::config::builtin_defaults()
+        };
+        let policy = ContentPolicy::new(PolicyPatterns {
+            deny: &[deny.to_owned()],
+            ..PolicyPatterns::default()
+        })
+        .unwrap();
+        let storage = Storage::local(std::path::Path::new("/nonexistent"));
+        let admission = Admission::new(1, Duration::from_secs(1));
+        Cache::new(
+            storage,
+            Upstream::new(&config).unwrap(),
+            config.tag_ttl,
+            admission,
+        )
+        .with_policy(policy)
+    }
+
+    #[test]
+    fn repositories_are_matched_by_their_upstream_name() {
+        let cache = hub_cache_denying("library/alpine");
+        for spelling in ["alpine", "library/alpine"] {
+            let refused = cache.admit(&RepoName::parse(spelling).unwrap(), None);
+            let error = refused.expect_err(spelling);
+            assert_eq!(error.code, ErrorCode::Denied);
+            assert_eq!(
+                error.message,
+                "repository not allowed by this cache's policy"
+            );
+        }
+        let other = RepoName::parse("someone/alpine").unwrap();
+        assert!(cache.admit(&other, None).is_ok());
+    }
+}
