@@ -116,89 +116,33 @@ mod tests {
     #[test]
     fn decisions_follow_allow_then_deny_then_tags() {
         use Verdict::*;
-        let none: &[&str] = &[];
-        let cases: &[(&[&str], &[&str], &[&str], &str, Option<&str>, Verdict)] = &[
+        let open = ContentPolicy::default();
+        let official = policy(&["library/*", "myorg/**"], &["library/evil"], &[]);
+        let no_private = policy(&[], &["private/**"], &[]);
+        let releases = policy(&["app"], &[], &["v*", "latest"]);
+        let cases = [
             // No policy: everything, as Distribution.
-            (none, none, none, "any/repo", Some("latest"), Allowed),
-            (none, none, none, "any/repo", None, Allowed),
-            // allow: only what matches.
-            (
-                &["library/*"],
-                none,
-                none,
-                "library/alpine",
-                Some("3"),
-                Allowed,
-            ),
-            (
-                &["library/*"],
-                none,
-                none,
-                "library/a/b",
-                None,
-                RepositoryRefused,
-            ),
-            (
-                &["library/*"],
-                none,
-                none,
-                "other/alpine",
-                None,
-                RepositoryRefused,
-            ),
-            (&["myorg/**"], none, none, "myorg/team/app", None, Allowed),
+            (&open, "any/repo", Some("latest"), Allowed),
+            (&open, "any/repo", None, Allowed),
+            // allow: only what matches; `*` stays in its segment.
+            (&official, "library/alpine", Some("3"), Allowed),
+            (&official, "library/a/b", None, RepositoryRefused),
+            (&official, "other/alpine", None, RepositoryRefused),
+            (&official, "myorg/team/app", None, Allowed),
             // deny wins over allow, and applies with an empty allow.
-            (
-                &["library/*"],
-                &["library/evil"],
-                none,
-                "library/evil",
-                None,
-                RepositoryRefused,
-            ),
-            (
-                none,
-                &["private/**"],
-                none,
-                "private/x/y",
-                Some("v1"),
-                RepositoryRefused,
-            ),
-            (none, &["private/**"], none, "public/x", Some("v1"), Allowed),
-            // tags: by tag only; a refused repository stays refused first.
-            (none, none, &["v*", "latest"], "app", Some("v1.2"), Allowed),
-            (
-                none,
-                none,
-                &["v*", "latest"],
-                "app",
-                Some("latest"),
-                Allowed,
-            ),
-            (
-                none,
-                none,
-                &["v*", "latest"],
-                "app",
-                Some("dev"),
-                TagRefused,
-            ),
-            (none, none, &["v*"], "app", None, Allowed),
-            (
-                &["app"],
-                none,
-                &["v*"],
-                "other",
-                Some("dev"),
-                RepositoryRefused,
-            ),
+            (&official, "library/evil", None, RepositoryRefused),
+            (&no_private, "private/x/y", Some("v1"), RepositoryRefused),
+            (&no_private, "public/x", Some("v1"), Allowed),
+            // tags: by tag only; digests (no tag) pass; repository first.
+            (&releases, "app", Some("v1.2"), Allowed),
+            (&releases, "app", Some("latest"), Allowed),
+            (&releases, "app", Some("dev"), TagRefused),
+            (&releases, "app", None, Allowed),
+            (&releases, "other", Some("dev"), RepositoryRefused),
         ];
-        for (allow, deny, tags, repository, tag, expected) in cases {
-            let verdict = policy(allow, deny, tags).decide(repository, *tag);
-            assert_eq!(
-                verdict, *expected,
-                "allow {allow:?} deny {deny:?} tags {tags:?}: {repository} {tag:?}"
-            );
+        for (policy, repository, tag, expected) in cases {
+            let verdict = policy.decide(repository, tag);
+            assert_eq!(verdict, expected, "{policy:?}: {repository} {tag:?}");
         }
     }
 
@@ -217,6 +161,32 @@ mod tests {
             "immutability restricts nothing"
         );
         assert!(!ContentPolicy::default().is_immutable("3.20"));
+    }
+
+    /// 1,000x a typical policy: a thousand patterns per list still compile
+    /// into one matcher, and a large tag list is decided in one pass.
+    #[test]
+    fn a_thousand_patterns_decide_many_names() {
+        let allow: Vec<String> = (0..1000).map(|i| format!("team-{i}/**")).collect();
+        let tags: Vec<String> = (0..1000).map(|i| format!("v{i}.*")).collect();
+        let policy = ContentPolicy::new(PolicyPatterns {
+            allow: &allow,
+            tags: &tags,
+            ..PolicyPatterns::default()
+        })
+        .unwrap();
+        let allowed = (0..10_000)
+            .filter(|i| {
+                let repository = format!("team-{}/app/{i}", i % 2000);
+                let tag = format!("v{}.0", i % 1500);
+                policy.decide(&repository, Some(&tag)) == Verdict::Allowed
+            })
+            .count();
+        // Teams 0..1000 are allowed, and tags v0.* to v999.*.
+        let expected = (0..10_000)
+            .filter(|i| i % 2000 < 1000 && i % 1500 < 1000)
+            .count();
+        assert_eq!(allowed, expected);
     }
 
     #[test]
