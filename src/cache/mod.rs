@@ -196,7 +196,7 @@ mod tests {
     use crate::cache::policy::PolicyPatterns;
     use crate::config::UpstreamConfig;
 
-    /// A Docker Hub cache that denies `library/alpine`; nothing here
+    /// A Docker Hub cache whose policy denies `deny`; nothing here
     /// reaches the network or storage.
     fn hub_cache_denying(deny: &str) -> Cache {
         let config = UpstreamConfig {
