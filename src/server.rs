@@ -221,7 +221,8 @@ fn cache_for(
     tracing::info!(registry = label, url = %upstream.url, tagttl = ?upstream.tag_ttl, "upstream configured");
     let cache = Arc::new(
         Cache::new(storage, client, upstream.tag_ttl, admission.clone())
-            .with_referrers_ttl(upstream.referrers_ttl()),
+            .with_referrers_ttl(upstream.referrers_ttl())
+            .with_policy(upstream.policy.clone()),
     );
     Ok((cache, upstream.aliases()))
 }

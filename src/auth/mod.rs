@@ -192,13 +192,15 @@ impl Gate {
 
     /// Whether a listing (`_catalog`, the dashboard) shows a stored
     /// repository (`ghcr.io/org/app`) to this client: routed as a request
-    /// for it would be, then [`Self::may_pull`].
+    /// for it would be, then [`Self::may_pull`] and the upstream's content
+    /// policy (which refuses its content to everyone).
     pub fn may_see(&self, registries: &Registries, identity: &Identity, name: &str) -> bool {
         let Ok(routed) = registries.route(name, None) else {
             return false;
         };
-        RepoName::parse(routed.name)
-            .is_some_and(|repo| self.may_pull(identity, &routed.cache.rule_name(&repo)))
+        RepoName::parse(routed.name).is_some_and(|repo| {
+            routed.cache.admits(&repo) && self.may_pull(identity, &routed.cache.rule_name(&repo))
+        })
     }
 
     /// [`Self::may_pull`] for a routed repository, as the client's answer:

@@ -56,6 +56,7 @@ impl Cache {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<BlobStat, ApiError> {
+        self.admit(name, None)?;
         if let Some(size) = self
             .storage
             .blob_size(digest)
@@ -107,6 +108,7 @@ impl Cache {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<BlobBody, ApiError> {
+        self.admit(name, None)?;
         let body = self.open_blob_uncounted(name, digest).await?;
         // Only blobs that exist count as used (a 404 must not grow the map).
         self.storage.record_access(digest);

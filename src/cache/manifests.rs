@@ -1,7 +1,9 @@
 //! Manifests: by digest they are immutable and cached forever; by tag they
 //! are served from cache for `tagttl`, then revalidated with a HEAD and
 //! fetched again only if the digest changed. When the upstream fails, a
-//! cached tag is served stale.
+//! cached tag is served stale. An immutable tag (`policy.immutabletags`)
+//! is resolved once and from then on served by its cached digest, with no
+//! revalidation.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -28,7 +30,36 @@ pub struct Manifest {
 }
 
 impl Cache {
+    /// A manifest as a client asks for it: admitted by the content policy,
+    /// then by an immutable tag's cached digest or as any other.
     pub async fn manifest(
+        self: &Arc<Self>,
+        name: &RepoName,
+        reference: &Reference,
+    ) -> Result<Manifest, ApiError> {
+        let tag = match reference {
+            Reference::Tag(tag) => Some(tag),
+            Reference::Digest(_) => None,
+        };
+        self.admit(name, tag)?;
+        if let Some(tag) = tag
+            && self.policy.is_immutable(tag.as_str())
+            && let Some(link) = self
+                .storage
+                .tag_link(name, tag)
+                .await
+                .map_err(storage_error)?
+        {
+            let pinned = Reference::Digest(link.digest);
+            return self.resolve_manifest(name, &pinned).await;
+        }
+        self.resolve_manifest(name, reference).await
+    }
+
+    /// A manifest by digest or by tag (fresh, revalidated or stale), with
+    /// no policy: for the client paths above and the referrers tag schema,
+    /// whose tags are Kura's own lookups, not a client's choice.
+    pub(super) async fn resolve_manifest(
         self: &Arc<Self>,
         name: &RepoName,
         reference: &Reference,

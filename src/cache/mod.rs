@@ -7,11 +7,14 @@
 //! - [`tags`]: tag lists, from upstream (every page) or from what is cached.
 //! - [`referrers`]: a subject's referrers (API or tag schema), cached like a tag.
 //! - `scope`: what a repository is known to hold, for blob scoping.
+//! - [`policy`]: which repositories and tags the upstream's content policy
+//!   admits; [`Cache::admit`] asks it before anything else on every path.
 
 pub mod blobs;
 pub mod download;
 mod follower;
 pub mod manifests;
+pub mod policy;
 pub mod referrers;
 mod scope;
 pub mod tags;
@@ -27,6 +30,8 @@ use crate::upstream::{Upstream, UpstreamError};
 pub use blobs::{BlobBody, BlobStat};
 pub use download::Admission;
 pub use manifests::Manifest;
+pub use policy::ContentPolicy;
+use policy::Verdict;
 pub use referrers::Referrers;
 
 pub struct Cache {
@@ -44,6 +49,8 @@ pub struct Cache {
     /// A referrers fetch may try the API, then revalidate the referrers
     /// tag: twice a metadata fetch's deadline.
     referrer_flights: Flights<(RepoName, Digest), Result<Referrers, ApiError>>,
+    /// `policy`: what of this upstream is fetched and served at all.
+    policy: ContentPolicy,
 }
 
 impl Cache {
@@ -61,10 +68,16 @@ impl Cache {
             downloads: download::Downloads::new(admission),
             referrers_ttl: tag_ttl,
             referrer_flights: Flights::new(2 * upstream.fetch_deadline()),
+            policy: ContentPolicy::default(),
             storage,
             upstream,
             tag_ttl,
         }
+    }
+
+    /// Serves only what `policy` admits.
+    pub fn with_policy(self, policy: ContentPolicy) -> Self {
+        Self { policy, ..self }
     }
 
     /// Referrers lists fresh for `ttl` instead of `tagttl`.
@@ -97,6 +110,32 @@ impl Cache {
     /// there are.
     pub fn downloads_snapshot(&self, limit: usize) -> (Vec<download::DownloadStatus>, usize) {
         self.downloads.snapshot(limit)
+    }
+
+    /// Whether the content policy admits a repository at all (listings
+    /// leave out what it refuses).
+    pub fn admits(&self, name: &RepoName) -> bool {
+        self.verdict(name, None) == Verdict::Allowed
+    }
+
+    fn verdict(&self, name: &RepoName, tag: Option<&Tag>) -> Verdict {
+        let repository = self.upstream.upstream_name(name);
+        self.policy.decide(&repository, tag.map(Tag::as_str))
+    }
+
+    /// The content policy's decision, taken first by every public method
+    /// that serves content (manifests, blobs, tag lists, referrers), before
+    /// storage or upstream are asked: so a refused repository is neither
+    /// fetched nor served from what was cached before the policy changed.
+    /// `tag` is the tag a manifest is asked for by, if any.
+    fn admit(&self, name: &RepoName, tag: Option<&Tag>) -> Result<(), ApiError> {
+        let message = match self.verdict(name, tag) {
+            Verdict::Allowed => return Ok(()),
+            Verdict::RepositoryRefused => "repository not allowed by this cache's policy",
+            Verdict::TagRefused => "tag not allowed by this cache's policy",
+        };
+        tracing::debug!(%name, tag = tag.map(Tag::as_str), message, "refused");
+        Err(ApiError::new(ErrorCode::Denied, message))
     }
 }
 
@@ -178,4 +217,50 @@ fn bookkeeping_failed(what: &str, name: &RepoName, err: impl std::fmt::Display) 
 
 fn storage_error(err: impl std::fmt::Display) -> ApiError {
     ApiError::internal(format!("storage: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::policy::PolicyPatterns;
+    use crate::config::UpstreamConfig;
+
+    /// A Docker Hub cache whose policy denies `deny`; nothing here
+    /// reaches the network or storage.
+    fn hub_cache_denying(deny: &str) -> Cache {
+        let config = UpstreamConfig {
+            url: "https://registry-1.docker.io".parse().unwrap(),
+            ..crate::config::builtin_defaults()
+        };
+        let policy = ContentPolicy::new(PolicyPatterns {
+            deny: &[deny.to_owned()],
+            ..PolicyPatterns::default()
+        })
+        .unwrap();
+        let storage = Storage::local(std::path::Path::new("/nonexistent"));
+        let admission = Admission::new(1, Duration::from_secs(1));
+        Cache::new(
+            storage,
+            Upstream::new(&config).unwrap(),
+            config.tag_ttl,
+            admission,
+        )
+        .with_policy(policy)
+    }
+
+    #[test]
+    fn repositories_are_matched_by_their_upstream_name() {
+        let cache = hub_cache_denying("library/alpine");
+        for spelling in ["alpine", "library/alpine"] {
+            let refused = cache.admit(&RepoName::parse(spelling).unwrap(), None);
+            let error = refused.expect_err(spelling);
+            assert_eq!(error.code, ErrorCode::Denied);
+            assert_eq!(
+                error.message,
+                "repository not allowed by this cache's policy"
+            );
+        }
+        let other = RepoName::parse("someone/alpine").unwrap();
+        assert!(cache.admit(&other, None).is_ok());
+    }
 }

@@ -143,6 +143,7 @@ impl Cache {
         name: &RepoName,
         subject: &Digest,
     ) -> Result<Referrers, ApiError> {
+        self.admit(name, None)?;
         let stored = self.stored_referrers(name, subject).await?;
         if let Some(stored) = &stored
             && self.referrers_are_fresh(stored.confirmed_at)
@@ -254,7 +255,7 @@ impl Cache {
         subject: &Digest,
     ) -> Result<(Vec<Value>, bool), ApiError> {
         let tag = Reference::Tag(tag_schema_tag(subject));
-        match self.manifest(name, &tag).await {
+        match self.resolve_manifest(name, &tag).await {
             Ok(manifest) => Ok((index_descriptors(&manifest.bytes), !manifest.stale)),
             Err(err)
                 if matches!(

@@ -5,7 +5,9 @@
 //! with them (Distribution 2.8 ignores both): it reads the upstream's
 //! whole list, following the upstream's own `Link` pages, sorts it and
 //! slices it. Concurrent requests for one repository share one walk.
+//! Tags the content policy refuses (`policy.tags`) are left out.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::{Cache, storage_error, upstream_error};
@@ -49,8 +51,10 @@ impl Cache {
         n: Option<usize>,
         last: Option<&str>,
     ) -> Result<Page, ApiError> {
+        self.admit(name, None)?;
+        let page = |tags: &[String]| paginate(&self.resolvable(tags), n, last);
         match self.upstream_tags(name).await {
-            Ok(tags) => Ok(paginate(&tags, n, last)),
+            Ok(tags) => Ok(page(&tags)),
             // A missing repository is an answer; anything else is upstream
             // trouble, where the cached tags are the best answer there is.
             Err(err) if !err.is_not_found() => {
@@ -59,10 +63,24 @@ impl Cache {
                     return Err(upstream_error(&err, ErrorCode::NameUnknown));
                 }
                 tracing::warn!(%name, error = %err, "upstream tag list failed; serving cached tags");
-                Ok(paginate(&cached, n, last))
+                Ok(page(&cached))
             }
             Err(err) => Err(upstream_error(&err, ErrorCode::NameUnknown)),
         }
+    }
+
+    /// The tags the content policy lets a client resolve: a list shows
+    /// only what can be pulled (paging counts these, not the upstream's).
+    fn resolvable<'a>(&self, tags: &'a [String]) -> Cow<'a, [String]> {
+        if tags.iter().all(|tag| self.policy.allows_tag(tag)) {
+            return Cow::Borrowed(tags);
+        }
+        Cow::Owned(
+            (tags.iter())
+                .filter(|tag| self.policy.allows_tag(tag))
+                .cloned()
+                .collect(),
+        )
     }
 
     /// The upstream's whole list, walked once for every request waiting

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_yaml_ng::{Mapping, Value};
 
 use super::{AccessConfig, Config, S3Config, S3Encryption, TokenConfig, UpstreamConfig};
+use crate::cache::ContentPolicy;
 
 const MASK: &str = "***";
 
@@ -217,7 +218,21 @@ fn upstream_map(upstream: &UpstreamConfig) -> Mapping {
         "maxconnections".into(),
         Value::from(upstream.max_connections as u64),
     );
+    entry.insert(
+        "policy".into(),
+        Value::Mapping(policy_map(&upstream.policy)),
+    );
     entry
+}
+
+/// Every list, empty ones too: an empty `allow` or `tags` means all.
+fn policy_map(policy: &ContentPolicy) -> Mapping {
+    (policy.lists().into_iter())
+        .map(|(key, globs)| {
+            let patterns = globs.patterns().iter().map(string).collect();
+            (Value::from(key), Value::Sequence(patterns))
+        })
+        .collect()
 }
 
 fn map<const N: usize>(entries: [(&str, Value); N]) -> Mapping {
@@ -286,6 +301,29 @@ mod tests {
         assert_eq!(token["issuer"], "auth.example");
         assert_eq!(token["rootcertbundle"], "/certs/bundle.pem");
         assert_eq!(token["autoredirect"], false);
+    }
+
+    #[test]
+    fn shows_each_upstreams_policy() {
+        let env = [
+            (
+                "REGISTRY_PROXY_POLICY_ALLOW".to_owned(),
+                "library/*".to_owned(),
+            ),
+            (
+                "REGISTRY_PROXY_POLICY_IMMUTABLETAGS".to_owned(),
+                "3.*".to_owned(),
+            ),
+        ];
+        let text = Config::load(None, env, &Overrides::default())
+            .unwrap()
+            .describe();
+        let described: Value = serde_yaml_ng::from_str(&text).unwrap();
+        let policy = &described["proxy"]["policy"];
+        assert_eq!(policy["allow"][0], "library/*", "{text}");
+        assert_eq!(policy["immutabletags"][0], "3.*", "{text}");
+        assert_eq!(policy["deny"], Value::Sequence(vec![]), "{text}");
+        assert_eq!(policy["tags"], Value::Sequence(vec![]), "{text}");
     }
 
     #[test]

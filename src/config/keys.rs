@@ -121,29 +121,29 @@ impl<'a> KeyReader<'a> {
         self.read.insert(key.to_owned());
         match self.lookup(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(Value::Number(n)) => Ok(Some(n.to_string())),
-            Some(Value::Bool(b)) => Ok(Some(b.to_string())),
-            Some(_) => Err(self.invalid(key, "expected a single value, found a list or map")),
+            Some(value) => scalar(value)
+                .map(Some)
+                .ok_or_else(|| self.invalid(key, "expected a single value, found a list or map")),
         }
     }
 
-    /// A list of strings; a single value (as an environment variable
-    /// sets it) is a list of one.
+    /// A list of single values; one value alone (what a `REGISTRY_*`
+    /// variable sets) is a list of one.
     pub fn strings(&mut self, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
-        let Some(Value::Sequence(items)) = self.lookup(key) else {
-            return Ok(self.string(key)?.map(|one| vec![one]));
-        };
         self.read.insert(key.to_owned());
-        items
-            .iter()
-            .map(|item| match item {
-                Value::String(s) => Ok(s.clone()),
-                Value::Number(n) => Ok(n.to_string()),
-                _ => Err(self.invalid(key, "expected a list of strings")),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        match self.lookup(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Sequence(items)) => items
+                .iter()
+                .map(|item| {
+                    scalar(item).ok_or_else(|| self.invalid(key, "expected a list of values"))
+                })
+                .collect::<Result<_, _>>()
+                .map(Some),
+            Some(value) => scalar(value)
+                .map(|one| Some(vec![one]))
+                .ok_or_else(|| self.invalid(key, "expected a list of values")),
+        }
     }
 
     pub fn bool(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
@@ -181,6 +181,16 @@ impl<'a> KeyReader<'a> {
             .into_iter()
             .map(|leaf| self.label_of(&leaf))
             .collect()
+    }
+}
+
+/// A string, number or boolean as the text it was written as.
+fn scalar(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
     }
 }
 

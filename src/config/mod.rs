@@ -952,6 +952,49 @@ mod tests {
     }
 
     #[test]
+    fn each_upstream_has_its_own_policy() {
+        let yaml = "proxy:\n  remoteurl: https://up.example\n  policy:\n    allow: [\"library/*\"]\n    deny: [library/evil]\n    tags: [\"3.*\", latest]\n    immutabletags: [\"3.*\"]\n\
+                    upstreams:\n  - name: ghcr.io\n    remoteurl: https://ghcr.io\n    policy:\n      deny: [\"secret/**\"]\n  - name: quay.io\n    remoteurl: https://quay.io\n";
+        let config = load_yaml(yaml, &[]).unwrap();
+        let proxy = &config.default_upstream.as_ref().unwrap().policy;
+        assert!(proxy.allows_tag("3.20") && !proxy.allows_tag("edge"));
+        assert!(proxy.is_immutable("3.20") && !proxy.is_immutable("latest"));
+        let ghcr = &config.upstreams[0].policy;
+        assert!(ghcr.allows_tag("edge"), "not inherited from proxy:");
+        assert!(!ghcr.is_immutable("3.20"));
+        assert!(config.ignored_keys.is_empty(), "{:?}", config.ignored_keys);
+
+        let env = [("REGISTRY_PROXY_POLICY_TAGS", "v*")];
+        let config = load_yaml("proxy:\n  remoteurl: https://up.example\n", &env).unwrap();
+        let proxy = &config.default_upstream.as_ref().unwrap().policy;
+        assert!(proxy.allows_tag("v1") && !proxy.allows_tag("latest"));
+    }
+
+    #[test]
+    fn bad_policies_name_the_key() {
+        let cases = [
+            (
+                "proxy:\n  policy:\n    allow: [\"lib/[a\"]\n",
+                "proxy.policy.allow",
+            ),
+            ("proxy:\n  policy:\n    alow: [x]\n", "proxy.policy.alow"),
+            ("proxy:\n  policy: strict\n", "proxy.policy"),
+            ("proxy:\n  policy:\n    tags: [[a]]\n", "proxy.policy.tags"),
+            (
+                "upstreams:\n  - name: ghcr.io\n    remoteurl: https://ghcr.io\n    policy:\n      immutabletags: [\"{a\"]\n",
+                "upstreams[0].policy.immutabletags",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = load_yaml(yaml, &[]).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("invalid value for {key}:")),
+                "{yaml}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn s3_encryption_reads_as_distribution_does() {
         let s3 = |extra: &str| {
             load_yaml(&format!("storage:\n  s3:\n    bucket: b\n{extra}"), &[])

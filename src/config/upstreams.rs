@@ -1,7 +1,7 @@
 //! Upstream registries: Distribution's single `proxy:` section (the default
 //! upstream) and Kura's `upstreams:` list of named registries, with
 //! credentials inline, from a `passwordfile`, or from a Docker
-//! `config.json` (`dockerconfig:`).
+//! `config.json` (`dockerconfig:`), and each with its content `policy:`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,8 @@ use reqwest::Url;
 use super::keys::KeyReader;
 use super::warming::{UpstreamWarming, read_upstream_warming};
 use super::{ConfigError, DOCKER_HUB_URL, Secret, invalid};
+use crate::cache::ContentPolicy;
+use crate::cache::policy::PolicyPatterns;
 
 /// Host names under which Docker Hub's registry is known.
 pub const DOCKER_HUB_ALIASES: &[&str] = &["docker.io", "registry-1.docker.io", "index.docker.io"];
@@ -47,6 +49,10 @@ pub struct UpstreamConfig {
     /// `events`, `warm`, `warmbudget`: push events and scheduled sync
     /// (never inherited from `proxy:`).
     pub warming: UpstreamWarming,
+    /// `policy`: repositories and tags fetched, tags kept immutable. Never
+    /// taken from `proxy:` by the `upstreams:` entries: its globs name
+    /// one registry's repositories.
+    pub policy: ContentPolicy,
 }
 
 impl UpstreamConfig {
@@ -130,7 +136,49 @@ pub fn read_upstream(
             .count(&key("maxconnections"))?
             .unwrap_or(base.max_connections),
         warming: read_upstream_warming(keys, prefix)?,
+        policy: read_policy(keys, &key("policy"))?,
     })
+}
+
+/// `<section>.allow`, `.deny`, `.tags`, `.immutabletags`: lists of globs
+/// (`crate::glob`); a pattern that does not compile names its key.
+fn read_policy(keys: &mut KeyReader, section: &str) -> Result<ContentPolicy, ConfigError> {
+    let mut list = |name: &str| {
+        let key = format!("{section}.{name}");
+        keys.strings(&key).map(Option::unwrap_or_default)
+    };
+    let (allow, deny, tags, immutable_tags) = (
+        list("allow")?,
+        list("deny")?,
+        list("tags")?,
+        list("immutabletags")?,
+    );
+    refuse_unknown_policy_keys(keys, section)?;
+    let patterns = PolicyPatterns {
+        allow: &allow,
+        deny: &deny,
+        tags: &tags,
+        immutable_tags: &immutable_tags,
+    };
+    ContentPolicy::new(patterns)
+        .map_err(|(list, error)| keys.invalid(&format!("{section}.{list}"), error.to_string()))
+}
+
+/// Anything else under `policy:` (`alow`, a scalar) is an error, not an
+/// ignored key: ignoring it would serve what the operator meant to refuse.
+fn refuse_unknown_policy_keys(keys: &KeyReader, section: &str) -> Result<(), ConfigError> {
+    let own = keys.label_of(section);
+    let unknown = keys
+        .unread_leaves()
+        .into_iter()
+        .find(|leaf| leaf == &own || leaf.starts_with(&format!("{own}.")));
+    match unknown {
+        Some(leaf) => Err(invalid(
+            &leaf,
+            "not a policy key (expected a map of allow, deny, tags, immutabletags)",
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Built-in defaults: Docker Hub, anonymous.
@@ -149,6 +197,7 @@ pub fn builtin_defaults() -> UpstreamConfig {
         idle_timeout: Duration::from_secs(30),
         max_connections: 32,
         warming: UpstreamWarming::default(),
+        policy: ContentPolicy::default(),
     }
 }
 

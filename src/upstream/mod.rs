@@ -292,7 +292,7 @@ impl Upstream {
     }
 
     /// The repository name as the upstream knows it.
-    fn upstream_name(&self, name: &RepoName) -> String {
+    pub(crate) fn upstream_name(&self, name: &RepoName) -> String {
         if self.docker_hub && !name.as_str().contains('/') {
             format!("library/{name}")
         } else {
