@@ -13,6 +13,7 @@ use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use crate::api::access::Htpasswd;
 use crate::api::{ApiOptions, ops_router, router};
 use crate::cache::{Admission, Cache};
+use crate::cluster::{self, Cluster};
 use crate::config::{Config, ConnectionLimits, UpstreamConfig};
 use crate::connections::{PeerAddr, idle_guard, limited_server, listen};
 use crate::gc;
@@ -80,13 +81,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             DEBUG_MAX_CONNECTIONS,
         ));
     }
+    let cluster = config
+        .cluster
+        .as_ref()
+        .map(|cluster| Cluster::start(cluster, &storage));
     tokio::spawn(track_storage_usage(storage.clone()));
+    tokio::spawn(flush_accesses(
+        storage.clone(),
+        config.access_flush_interval(),
+    ));
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(release_free_heap());
     tokio::spawn(collect_garbage(
         storage.clone(),
         config.gc_policy(),
         config.cache.gc_interval,
+        cluster,
     ));
     tokio::spawn(shutdown_on_signal(
         handle.clone(),
@@ -216,15 +226,11 @@ fn cache_for(
     Ok((cache, upstream.aliases()))
 }
 
-/// Keeps the storage gauges current without a walk per scrape, and
-/// persists access times.
+/// Keeps the storage gauges current without a walk per scrape.
 async fn track_storage_usage(storage: Storage) {
     let mut ticks = tokio::time::interval(USAGE_INTERVAL);
     loop {
         ticks.tick().await;
-        // Access times reach disk every minute, so `kura ls`/`gc` run
-        // beside the server see recent use.
-        storage.flush_accesses().await;
         match storage.usage().await {
             Ok(usage) => {
                 metrics()
@@ -236,6 +242,18 @@ async fn track_storage_usage(storage: Storage) {
             }
             Err(e) => tracing::warn!(error = %e, "cannot measure storage usage"),
         }
+    }
+}
+
+/// Writes access times out every `interval`, so that `kura ls`/`gc` run
+/// beside the server, and the collector of another replica, see recent
+/// use (see [`Config::access_flush_interval`]).
+async fn flush_accesses(storage: Storage, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        storage.flush_accesses().await;
     }
 }
 
@@ -256,12 +274,26 @@ async fn release_free_heap() {
     }
 }
 
-/// Flushes access times and evicts what the policy no longer keeps.
-async fn collect_garbage(storage: Storage, policy: gc::Policy, interval: Duration) {
+/// Flushes access times and evicts what the policy no longer keeps; in a
+/// cluster only on the replica that owns [`cluster::GC_KEY`], so one
+/// collector works at a time (another replica takes over within
+/// `cluster.expiry` of its leaving).
+async fn collect_garbage(
+    storage: Storage,
+    policy: gc::Policy,
+    interval: Duration,
+    cluster: Option<Arc<Cluster>>,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.tick().await; // the first tick is immediate; start one interval in
     loop {
         ticks.tick().await;
+        if let Some(cluster) = &cluster
+            && !cluster.owns(cluster::GC_KEY)
+        {
+            tracing::debug!("collection skipped: another replica collects");
+            continue;
+        }
         storage.flush_accesses().await;
         let now = SystemTime::now();
         let plan = match gc::plan(&storage, &policy, now).await {

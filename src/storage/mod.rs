@@ -9,6 +9,7 @@
 //! repositories/<name>/_referrers/sha256/<hex>              a subject's referrers index; modified = last confirmed
 //! repositories/<registry>/<name>/...                        the same, for a named upstream
 //! _kura/access/<node>                                       last use per blob (S3 only)
+//! _kura/replicas/<id>                                       a cluster replica's heartbeat (address)
 //! <local root>/staging/<process>/<uuid>                     downloads in progress, per process
 //! ```
 //!
@@ -26,6 +27,7 @@ pub mod catalog;
 pub mod file_reads;
 pub mod index;
 pub mod objects;
+pub mod replicas;
 pub mod staging;
 
 use std::collections::HashMap;
