@@ -11,6 +11,7 @@ use axum_server::Handle;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 
 use crate::api::access::Htpasswd;
+use crate::api::peer::peer_routes;
 use crate::api::{ApiOptions, ops_router, router};
 use crate::cache::{Admission, Cache};
 use crate::cluster::{self, Cluster};
@@ -44,7 +45,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.storage_root.display()
         )
     })?;
-    let (registries, admission) = build_registries(&config, &storage)?;
+    let cluster = config
+        .cluster
+        .as_ref()
+        .map(|cluster| Cluster::start(cluster, &storage))
+        .transpose()
+        .context("cluster: cannot start")?;
+    let (registries, admission) = build_registries(&config, &storage, cluster.as_ref())?;
     let registries = Arc::new(registries);
     let htpasswd = config
         .htpasswd
@@ -67,6 +74,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
     )
     .merge(warming.routes());
+    // Beside the API too: peers authenticate with the cluster secret.
+    let app = match &cluster {
+        Some(cluster) => app.merge(peer_routes(registries.clone(), cluster.clone())),
+        None => app,
+    };
     let handle = Handle::new();
     if let Some(addr) = &config.http.debug_addr {
         let listener = bind("http.debug.addr", addr)?;
@@ -81,10 +93,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             DEBUG_MAX_CONNECTIONS,
         ));
     }
-    let cluster = config
-        .cluster
-        .as_ref()
-        .map(|cluster| Cluster::start(cluster, &storage));
     tokio::spawn(track_storage_usage(storage.clone()));
     tokio::spawn(flush_accesses(
         storage.clone(),
@@ -187,9 +195,11 @@ async fn serve_plain(
 }
 
 /// One cache per upstream, and the download admission they share.
+/// With a cluster, cold blobs are asked of their owner replica first.
 pub(crate) fn build_registries(
     config: &Config,
     storage: &Storage,
+    cluster: Option<&Arc<Cluster>>,
 ) -> anyhow::Result<(Registries, Admission)> {
     // One admission for every upstream: downloads share the disk, the
     // memory and the blocking pool whichever registry they come from.
@@ -197,14 +207,14 @@ pub(crate) fn build_registries(
     let default = config
         .default_upstream
         .as_ref()
-        .map(|upstream| cache_for(upstream, storage.clone(), &admission))
+        .map(|upstream| cache_for(upstream, storage.clone(), &admission, cluster))
         .transpose()?;
     let named = config
         .upstreams
         .iter()
         .map(|upstream| {
             let name = upstream.name.as_deref().expect("list entries are named");
-            cache_for(upstream, storage.namespaced(name), &admission)
+            cache_for(upstream, storage.namespaced(name), &admission, cluster)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok((Registries::new(default, named), admission))
@@ -214,6 +224,7 @@ fn cache_for(
     upstream: &UpstreamConfig,
     storage: Storage,
     admission: &Admission,
+    cluster: Option<&Arc<Cluster>>,
 ) -> anyhow::Result<(Arc<Cache>, Vec<String>)> {
     let label = upstream.name.as_deref().unwrap_or("proxy");
     let client = Upstream::new(upstream)
@@ -221,7 +232,8 @@ fn cache_for(
     tracing::info!(registry = label, url = %upstream.url, tagttl = ?upstream.tag_ttl, "upstream configured");
     let cache = Arc::new(
         Cache::new(storage, client, upstream.tag_ttl, admission.clone())
-            .with_referrers_ttl(upstream.referrers_ttl()),
+            .with_referrers_ttl(upstream.referrers_ttl())
+            .with_cluster(cluster.cloned()),
     );
     Ok((cache, upstream.aliases()))
 }

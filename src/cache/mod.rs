@@ -14,9 +14,11 @@ pub mod manifests;
 pub mod referrers;
 pub mod tags;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::error::{ApiError, ErrorCode};
+use crate::cluster::Cluster;
 use crate::reference::{Digest, RepoName, Tag};
 use crate::singleflight::Flights;
 use crate::storage::Storage;
@@ -42,6 +44,9 @@ pub struct Cache {
     /// A referrers fetch may try the API, then revalidate the referrers
     /// tag: twice a metadata fetch's deadline.
     referrer_flights: Flights<(RepoName, Digest), Result<Referrers, ApiError>>,
+    /// With `cluster:`, a cold blob whose owner is another replica is
+    /// asked of that replica first.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Cache {
@@ -62,7 +67,13 @@ impl Cache {
             storage,
             upstream,
             tag_ttl,
+            cluster: None,
         }
+    }
+
+    /// Cold blobs go through their owner replica (`None`: a single node).
+    pub fn with_cluster(self, cluster: Option<Arc<Cluster>>) -> Self {
+        Self { cluster, ..self }
     }
 
     /// Referrers lists fresh for `ttl` instead of `tagttl`.

@@ -9,15 +9,17 @@
 
 pub mod membership;
 pub mod owner;
+pub mod peer;
 
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, Secret};
 use crate::storage::Storage;
 use membership::Membership;
 pub use membership::{Member, Members};
+use peer::PeerClient;
 
 /// The key whose owner collects garbage.
 pub const GC_KEY: &[u8] = b"gc";
@@ -25,17 +27,23 @@ pub const GC_KEY: &[u8] = b"gc";
 pub struct Cluster {
     me: Arc<Member>,
     view: watch::Receiver<Members>,
+    peers: PeerClient,
+    /// `Bearer <cluster.secret>`: what a peer request must carry.
+    expected_authorization: Secret,
+    /// Peer requests served at once (`cluster.maxpeerrequests`).
+    serving: Arc<Semaphore>,
 }
 
 impl Cluster {
     /// Joins the cluster: a fresh id for this process, heartbeats from
     /// now on (a task of its own, for the life of the process).
-    pub fn start(config: &ClusterConfig, storage: &Storage) -> Arc<Self> {
+    pub fn start(config: &ClusterConfig, storage: &Storage) -> anyhow::Result<Arc<Self>> {
         let me = Arc::new(Member {
             id: uuid::Uuid::new_v4().simple().to_string(),
             address: config.advertise.clone(),
         });
-        tracing::info!(id = me.id, advertise = %me.address, "cluster: joining");
+        storage.name_access_records(&me.id);
+        tracing::info!(id = %me.id, advertise = %me.address, "cluster: joining");
         let membership = Arc::new(Membership::new(
             me.clone(),
             storage.clone(),
@@ -43,8 +51,35 @@ impl Cluster {
             config.expiry,
         ));
         let view = membership.view();
+        let peers = PeerClient::new(config)?;
         tokio::spawn(membership.run());
-        Arc::new(Self { me, view })
+        Ok(Arc::new(Self {
+            me,
+            view,
+            peers,
+            expected_authorization: Secret::from(format!("Bearer {}", config.secret.expose())),
+            serving: Arc::new(Semaphore::new(config.max_peer_requests)),
+        }))
+    }
+
+    pub fn peers(&self) -> &PeerClient {
+        &self.peers
+    }
+
+    /// Whether a peer request's `Authorization` is the cluster's (compared
+    /// in constant time).
+    pub fn authorizes(&self, authorization: Option<&[u8]>) -> bool {
+        authorization.is_some_and(|given| self.expected_authorization.matches(given))
+    }
+
+    /// A slot to serve one peer request, if one is free: held until its
+    /// response body ends.
+    pub fn serving_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.serving.clone().try_acquire_owned().ok()
+    }
+
+    pub fn is_me(&self, member: &Member) -> bool {
+        member.id == self.me.id
     }
 
     /// The live replica that owns `key`.
@@ -61,6 +96,6 @@ impl Cluster {
 
     /// Whether this replica owns `key`.
     pub fn owns(&self, key: &[u8]) -> bool {
-        self.owner(key).id == self.me.id
+        self.is_me(&self.owner(key))
     }
 }

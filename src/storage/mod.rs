@@ -135,6 +135,12 @@ impl Storage {
         }
     }
 
+    /// Names this process's access record (S3) `node`: see
+    /// [`access::AccessTracker::name_node`].
+    pub fn name_access_records(&self, node: &str) {
+        self.access.name_node(node);
+    }
+
     /// Notes that a blob or manifest was just served.
     pub fn record_access(&self, digest: &Digest) {
         self.access.record(digest);
