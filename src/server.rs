@@ -102,7 +102,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(release_free_heap());
     tokio::spawn(collect_garbage(
         storage.clone(),
-        config.gc_policy(),
+        config.collector_policy(),
         config.cache.gc_interval,
         cluster,
     ));

@@ -53,7 +53,9 @@ impl PeerFailure {
 
 impl PeerClient {
     pub fn new(config: &ClusterConfig) -> anyhow::Result<Self> {
+        // Peers are addressed directly, never through HTTP_PROXY.
         let http = reqwest::Client::builder()
+            .no_proxy()
             .connect_timeout(config.peer_timeout)
             .read_timeout(PEER_IDLE_TIMEOUT)
             .user_agent(concat!("kura/", env!("CARGO_PKG_VERSION"), " peer"))

@@ -370,15 +370,24 @@ impl Config {
         Ok(crate::storage::Storage::new(&self.storage_root, objects))
     }
 
-    /// What eviction keeps, from `proxy.ttl` and `cache.*`. The grace is
-    /// at least two access flush intervals: a use on another replica
-    /// reaches the storage within one, so a collector never plans
-    /// without the uses it must spare.
+    /// What eviction keeps, from `proxy.ttl` and `cache.*`.
     pub fn gc_policy(&self) -> crate::gc::Policy {
         crate::gc::Policy {
             ttl: self.blob_ttl,
             max_size: self.cache.max_size,
-            grace: self.cache.gc_grace.max(2 * self.access_flush_interval()),
+            grace: self.cache.gc_grace,
+        }
+    }
+
+    /// What a server's collector keeps: [`Config::gc_policy`] with a grace
+    /// of at least two access flush intervals, as a use on another replica
+    /// reaches the storage within one, so the collector never plans without
+    /// the uses it must spare. (`kura gc` takes `cache.gcgrace` as given.)
+    pub fn collector_policy(&self) -> crate::gc::Policy {
+        let policy = self.gc_policy();
+        crate::gc::Policy {
+            grace: policy.grace.max(2 * self.access_flush_interval()),
+            ..policy
         }
     }
 
@@ -859,7 +868,10 @@ mod tests {
         let config = load_yaml("cache:\n  gcinterval: 8s\n", &[]).unwrap();
         assert!(config.cluster.is_none(), "a single node without cluster:");
         assert_eq!(config.access_flush_interval(), Duration::from_secs(2));
-        assert_eq!(config.gc_policy().grace, Duration::from_secs(600));
+        assert_eq!(config.collector_policy().grace, Duration::from_secs(600));
+        let config = load_yaml("cache:\n  gcinterval: 8s\n  gcgrace: 0\n", &[]).unwrap();
+        assert_eq!(config.gc_policy().grace, Duration::ZERO);
+        assert_eq!(config.collector_policy().grace, Duration::from_secs(4));
 
         let yaml = "cluster:\n  advertise: http://10.0.0.7:5000\n  secret: correct-horse-battery\n  heartbeat: 1s\n  expiry: 3s\n";
         let config = load_yaml(yaml, &[]).unwrap();
