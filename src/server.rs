@@ -104,7 +104,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         storage.clone(),
         config.collector_policy(),
         config.cache.gc_interval,
-        cluster,
+        cluster.clone(),
     ));
     tokio::spawn(shutdown_on_signal(
         handle.clone(),
@@ -141,6 +141,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => serve_plain(listener, app, handle, limits, limits.max).await,
     };
+    if let Some(cluster) = &cluster {
+        cluster.leave().await;
+    }
     // Clients were released when their bytes were verified; give those
     // downloads the drain time to commit. What is cut short can never be.
     if tokio::time::timeout(config.http.drain_timeout, admission.settled())

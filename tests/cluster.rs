@@ -412,3 +412,51 @@ async fn killing_the_owner_mid_download_fails_no_client_of_the_others() {
         "no replica was following the owner's body when it died:\n{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peer_requests_past_the_bound_get_503_and_a_stopped_replica_leaves_at_once() {
+    let s3 = S3Server::start().await;
+    let upstream = Upstream::anonymous().await;
+    let image = push(&upstream, "flight/bounded", 32 << 20, 7).await;
+    let (a, _a) = replica(&s3, &upstream, "  maxpeerrequests: 1\n", &[]).await;
+    let url = format!(
+        "{}/kura/peer/blobs/proxy/{}/{}",
+        a.url(),
+        image.repository,
+        image.layers[0].digest
+    );
+    let client = http_client(Duration::from_secs(30));
+    let peer_get = || client.get(&url).bearer_auth(SECRET).send();
+
+    // The first holds the one slot while its body is unread.
+    let first = peer_get().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let second = peer_get().await.unwrap();
+    assert_eq!(second.status(), 503, "a second peer request was served");
+    assert!(second.headers().contains_key("retry-after"));
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = peer_get().await.unwrap();
+        if again.status() == 200 {
+            let body = again.bytes().await.unwrap();
+            assert_eq!(sha256_digest(&body), image.layers[0].digest);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A replica that stops removes its heartbeat (an expired one would
+    // stay for four expiries).
+    let (mut b, _b) = replica(&s3, &upstream, "", &[]).await;
+    wait_for_each_other(&[&a, &b]).await;
+    assert_eq!(s3.keys("kura/_kura/replicas/").await.len(), 2);
+    assert!(b.terminate(Duration::from_secs(30)).await, "b did not stop");
+    assert_eq!(
+        s3.keys("kura/_kura/replicas/").await,
+        vec![format!("kura/_kura/replicas/{}", replica_id(&a))],
+        "b's heartbeat outlived it:\n{}",
+        b.log_text()
+    );
+}

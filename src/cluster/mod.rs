@@ -32,11 +32,13 @@ pub struct Cluster {
     expected_authorization: Secret,
     /// Peer requests served at once (`cluster.maxpeerrequests`).
     serving: Arc<Semaphore>,
+    heartbeats: tokio::task::AbortHandle,
+    storage: Storage,
 }
 
 impl Cluster {
     /// Joins the cluster: a fresh id for this process, heartbeats from
-    /// now on (a task of its own, for the life of the process).
+    /// now on (a task of its own, until [`Cluster::leave`]).
     pub fn start(config: &ClusterConfig, storage: &Storage) -> anyhow::Result<Arc<Self>> {
         let me = Arc::new(Member {
             id: uuid::Uuid::new_v4().simple().to_string(),
@@ -52,14 +54,29 @@ impl Cluster {
         ));
         let view = membership.view();
         let peers = PeerClient::new(config)?;
-        tokio::spawn(membership.run());
+        let heartbeats = tokio::spawn(membership.run()).abort_handle();
         Ok(Arc::new(Self {
             me,
             view,
             peers,
             expected_authorization: Secret::from(format!("Bearer {}", config.secret.expose())),
             serving: Arc::new(Semaphore::new(config.max_peer_requests)),
+            heartbeats,
+            storage: storage.clone(),
         }))
+    }
+
+    /// Leaves on shutdown: no more heartbeats, and the record goes, so the
+    /// others stop asking this replica at their next round instead of
+    /// after `cluster.expiry`.
+    pub async fn leave(&self) {
+        self.heartbeats.abort();
+        match self.storage.delete_heartbeat(&self.me.id).await {
+            Ok(()) => tracing::info!("cluster: left"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: cannot remove the heartbeat; it expires")
+            }
+        }
     }
 
     pub fn peers(&self) -> &PeerClient {
