@@ -3,6 +3,11 @@
 //! streaming the upstream body into a local staging file while its
 //! followers ([`super::follower`]) read along.
 //!
+//! In a cluster, the body comes from the digest's owner replica when that
+//! is another one and it answers promptly (`crate::cluster::peer`); it is
+//! staged and verified the same way, and if it breaks off, the upstream's
+//! body takes over from the first byte not yet staged.
+//!
 //! Admission comes first and costs nothing but a map entry: no staging
 //! file, no buffers and no blocking thread exist until a download holds a
 //! permit and the upstream has answered. Requests beyond the limit wait a
