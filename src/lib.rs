@@ -12,11 +12,13 @@
 //! - [`reference`]: validation of names, tags and digests.
 //! - [`singleflight`]: one shared fetch (a task with a deadline) per key, for cache and upstream alike.
 //! - [`glob`]: repository and tag globs of access rules and content policy.
+//! - [`cluster`]: replicas of one storage that know each other: heartbeats, the owner rule.
 //! - [`warming`]: push events and scheduled sync that warm the cache (and `kura warm`'s core).
 pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod dashboard;

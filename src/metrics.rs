@@ -83,6 +83,14 @@ pub struct WarmLabels {
     pub state: &'static str,
 }
 
+/// What became of a cold blob asked of its owner replica: `served`, or
+/// why this replica fetched it itself (`refused`, `failed`, `timeout`,
+/// `cut` when the peer's body broke off and the upstream took over).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -107,6 +115,8 @@ pub struct Metrics {
     pub evicted_blobs: Counter,
     pub evicted_bytes: Counter,
     pub catalog_listings: Counter,
+    pub cluster_replicas: Gauge,
+    pub peer_requests: Family<PeerLabels, Counter>,
     pub warm_jobs: Family<WarmLabels, Gauge>,
     pub warm_jobs_finished: Family<WarmLabels, Counter>,
     pub warm_submissions: Family<WarmLabels, Counter>,
@@ -149,6 +159,8 @@ impl Metrics {
             evicted_blobs: Counter::default(),
             evicted_bytes: Counter::default(),
             catalog_listings: Counter::default(),
+            cluster_replicas: Gauge::default(),
+            peer_requests: Family::default(),
             warm_jobs: Family::default(),
             warm_jobs_finished: Family::default(),
             warm_submissions: Family::default(),
@@ -266,6 +278,16 @@ impl Metrics {
             "catalog_listings",
             "Listings of every repository in storage, for _catalog",
             metrics.catalog_listings.clone(),
+        );
+        r.register(
+            "cluster_replicas",
+            "Live replicas of the cluster as this one sees them (1 without cluster:)",
+            metrics.cluster_replicas.clone(),
+        );
+        r.register(
+            "peer_requests",
+            "Cold blob fetches this replica asked of the owner replica, by outcome",
+            metrics.peer_requests.clone(),
         );
         r.register(
             "warm_jobs",

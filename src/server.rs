@@ -11,9 +11,11 @@ use axum::Router;
 use axum_server::Handle;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 
+use crate::api::peer::peer_routes;
 use crate::api::{ApiOptions, ops_router, router};
 use crate::auth::Gate;
 use crate::cache::{Admission, Cache};
+use crate::cluster::{self, Cluster};
 use crate::config::{Config, ConnectionLimits, UpstreamConfig};
 use crate::connections::{PeerAddr, idle_guard, limited_server, listen};
 use crate::dashboard::{self, Dashboard, history::History};
@@ -45,7 +47,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.storage_root.display()
         )
     })?;
-    let (registries, admission) = build_registries(&config, &storage)?;
+    let cluster = config
+        .cluster
+        .as_ref()
+        .map(|cluster| Cluster::start(cluster, &storage))
+        .transpose()
+        .context("cluster: cannot start")?;
+    let (registries, admission) = build_registries(&config, &storage, cluster.as_ref())?;
     let registries = Arc::new(registries);
     let gate = Arc::new(Gate::load(&config).context("auth")?);
     let warming = Warming::start(&config, &registries);
@@ -75,6 +83,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Beside the registry API, outside its login: push events carry their
     // own secret (events.secret).
     .merge(warming.event_routes());
+    // Beside the API too: peers authenticate with the cluster secret.
+    let app = match &cluster {
+        Some(cluster) => app.merge(peer_routes(registries.clone(), cluster.clone())),
+        None => app,
+    };
     let handle = Handle::new();
     if let Some(addr) = &config.http.debug_addr {
         let listener = bind("http.debug.addr", addr)?;
@@ -90,13 +103,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
     tokio::spawn(track_storage_usage(storage.clone()));
+    tokio::spawn(flush_accesses(
+        storage.clone(),
+        config.access_flush_interval(),
+    ));
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(release_free_heap());
     tokio::spawn(collect_garbage(
         storage.clone(),
-        config.gc_policy(),
+        config.collector_policy(),
         config.cache.gc_interval,
         last_collection,
+        cluster.clone(),
     ));
     tokio::spawn(shutdown_on_signal(
         handle.clone(),
@@ -133,6 +151,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => serve_plain(listener, app, handle, limits, limits.max).await,
     };
+    if let Some(cluster) = &cluster {
+        cluster.leave().await;
+    }
     // Clients were released when their bytes were verified; give those
     // downloads the drain time to commit. What is cut short can never be.
     if tokio::time::timeout(config.http.drain_timeout, admission.settled())
@@ -187,9 +208,11 @@ async fn serve_plain(
 }
 
 /// One cache per upstream, and the download admission they share.
+/// With a cluster, cold blobs are asked of their owner replica first.
 pub(crate) fn build_registries(
     config: &Config,
     storage: &Storage,
+    cluster: Option<&Arc<Cluster>>,
 ) -> anyhow::Result<(Registries, Admission)> {
     // One admission for every upstream: downloads share the disk, the
     // memory and the blocking pool whichever registry they come from.
@@ -197,14 +220,14 @@ pub(crate) fn build_registries(
     let default = config
         .default_upstream
         .as_ref()
-        .map(|upstream| cache_for(upstream, storage.clone(), &admission))
+        .map(|upstream| cache_for(upstream, storage.clone(), &admission, cluster))
         .transpose()?;
     let named = config
         .upstreams
         .iter()
         .map(|upstream| {
             let name = upstream.name.as_deref().expect("list entries are named");
-            cache_for(upstream, storage.namespaced(name), &admission)
+            cache_for(upstream, storage.namespaced(name), &admission, cluster)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok((Registries::new(default, named), admission))
@@ -214,6 +237,7 @@ fn cache_for(
     upstream: &UpstreamConfig,
     storage: Storage,
     admission: &Admission,
+    cluster: Option<&Arc<Cluster>>,
 ) -> anyhow::Result<(Arc<Cache>, Vec<String>)> {
     let label = upstream.name.as_deref().unwrap_or("proxy");
     let client = Upstream::new(upstream)
@@ -222,20 +246,17 @@ fn cache_for(
     let cache = Arc::new(
         Cache::new(storage, client, upstream.tag_ttl, admission.clone())
             .with_referrers_ttl(upstream.referrers_ttl())
-            .with_policy(upstream.policy.clone()),
+            .with_policy(upstream.policy.clone())
+            .with_cluster(cluster.cloned()),
     );
     Ok((cache, upstream.aliases()))
 }
 
-/// Keeps the storage gauges current without a walk per scrape, and
-/// persists access times.
+/// Keeps the storage gauges current without a walk per scrape.
 async fn track_storage_usage(storage: Storage) {
     let mut ticks = tokio::time::interval(USAGE_INTERVAL);
     loop {
         ticks.tick().await;
-        // Access times reach disk every minute, so `kura ls`/`gc` run
-        // beside the server see recent use.
-        storage.flush_accesses().await;
         match storage.usage().await {
             Ok(usage) => {
                 metrics()
@@ -247,6 +268,18 @@ async fn track_storage_usage(storage: Storage) {
             }
             Err(e) => tracing::warn!(error = %e, "cannot measure storage usage"),
         }
+    }
+}
+
+/// Writes access times out every `interval`, so that `kura ls`/`gc` run
+/// beside the server, and the collector of another replica, see recent
+/// use (see [`Config::access_flush_interval`]).
+async fn flush_accesses(storage: Storage, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        storage.flush_accesses().await;
     }
 }
 
@@ -268,17 +301,26 @@ async fn release_free_heap() {
 }
 
 /// Flushes access times and evicts what the policy no longer keeps,
-/// reporting each collection in `last`.
+/// reporting each collection in `last`; in a cluster only on the replica
+/// that owns [`cluster::GC_KEY`], so one collector works at a time
+/// (another replica takes over within `cluster.expiry` of its leaving).
 async fn collect_garbage(
     storage: Storage,
     policy: gc::Policy,
     interval: Duration,
     last: gc::LastCollection,
+    cluster: Option<Arc<Cluster>>,
 ) {
     let mut ticks = tokio::time::interval(interval);
     ticks.tick().await; // the first tick is immediate; start one interval in
     loop {
         ticks.tick().await;
+        if let Some(cluster) = &cluster
+            && !cluster.owns(cluster::GC_KEY)
+        {
+            tracing::debug!("collection skipped: another replica collects");
+            continue;
+        }
         storage.flush_accesses().await;
         let now = SystemTime::now();
         let plan = match gc::plan(&storage, &policy, now).await {

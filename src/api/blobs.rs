@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::{DIGEST_HEADER, Outcome, content_response};
-use crate::cache::Cache;
+use crate::cache::{BlobBody, Cache};
 use crate::metrics::{SourceLabels, metrics};
 use crate::reference::{Digest, RepoName};
 use futures_util::StreamExt;
@@ -36,6 +36,17 @@ pub async fn serve(
         return Ok(with_accept_ranges(response));
     }
     let blob = cache.open_blob(name, digest).await?;
+    respond(cache, blob, digest, request_headers).await
+}
+
+/// The response for an opened blob: a redirect to the storage, or its
+/// bytes (those `Range` asks for).
+pub async fn respond(
+    cache: &Cache,
+    blob: BlobBody,
+    digest: &Digest,
+    request_headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     let outcome = Outcome::from_hit(blob.cache_hit);
     metrics().lookup(cache.upstream_label(), "blob", outcome.0);
     if let Some(location) = blob.redirect() {

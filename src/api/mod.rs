@@ -14,6 +14,7 @@ pub mod listing;
 pub mod manifests;
 pub mod negotiation;
 pub mod ops;
+pub mod peer;
 pub mod referrers;
 pub mod route;
 

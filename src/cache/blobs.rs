@@ -11,7 +11,7 @@ use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
 
-use super::download::{Download, Progress};
+use super::download::{AskOwner, Download, Progress};
 use super::follower;
 use super::{Cache, fetch_overran, storage_error, upstream_error};
 use crate::api::error::{ApiError, ErrorCode};
@@ -102,30 +102,46 @@ impl Cache {
     }
 
     /// Opens a blob for streaming: from storage, or by starting or joining
-    /// the shared download.
+    /// the shared download (which asks the blob's owner replica first).
     pub async fn open_blob(
         self: &Arc<Self>,
         name: &RepoName,
         digest: &Digest,
     ) -> Result<BlobBody, ApiError> {
-        self.admit(name, None)?;
-        let body = self.open_blob_uncounted(name, digest).await?;
-        // Only blobs that exist count as used (a 404 must not grow the map).
-        self.storage.record_access(digest);
-        Ok(body)
+        self.open_blob_asking(name, digest, AskOwner::Yes).await
     }
 
-    async fn open_blob_uncounted(
+    /// [`Cache::open_blob`] for a peer replica that asked this one as the
+    /// owner: a download it starts goes to the upstream, never on to yet
+    /// another replica (replicas whose views of the cluster differ for a
+    /// moment could otherwise ask each other in a circle).
+    pub async fn open_blob_for_peer(
         self: &Arc<Self>,
         name: &RepoName,
         digest: &Digest,
     ) -> Result<BlobBody, ApiError> {
+        self.open_blob_asking(name, digest, AskOwner::No).await
+    }
+
+    async fn open_blob_asking(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+        ask_owner: AskOwner,
+    ) -> Result<BlobBody, ApiError> {
+        self.admit(name, None)?;
         let committed_before = self.downloads.committed_so_far();
-        if let Some(body) = self.open_committed(digest).await? {
-            return Ok(body);
-        }
-        let download = self.join_or_start_download(name, digest, committed_before);
-        self.follow(download, name, digest).await
+        let body = match self.open_committed(digest).await? {
+            Some(body) => body,
+            None => {
+                let download =
+                    self.join_or_start_download(name, digest, committed_before, ask_owner);
+                self.follow(download, name, digest).await?
+            }
+        };
+        // Only blobs that exist count as used (a 404 must not grow the map).
+        self.storage.record_access(digest);
+        Ok(body)
     }
 
     async fn open_committed(&self, digest: &Digest) -> Result<Option<BlobBody>, ApiError> {

@@ -3,6 +3,11 @@
 //! streaming the upstream body into a local staging file while its
 //! followers ([`super::follower`]) read along.
 //!
+//! In a cluster, the body comes from the digest's owner replica when that
+//! is another one and it answers promptly (`crate::cluster::peer`); it is
+//! staged and verified the same way, and if it breaks off, the upstream's
+//! body takes over from the first byte not yet staged.
+//!
 //! Admission comes first and costs nothing but a map entry: no staging
 //! file, no buffers and no blocking thread exist until a download holds a
 //! permit and the upstream has answered. Requests beyond the limit wait a
@@ -20,10 +25,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::{Cache, storage_error, upstream_error};
 use crate::api::error::{ApiError, ErrorCode};
+use crate::cluster::peer;
 use crate::metrics::{ReasonLabels, UpstreamLabels, metrics};
 use crate::reference::{Digest, RepoName};
 use crate::storage::StagedBlob;
@@ -212,6 +219,7 @@ impl Cache {
         name: &RepoName,
         digest: &Digest,
         committed_before: u64,
+        ask_owner: AskOwner,
     ) -> Download {
         let mut in_flight = self.downloads.in_flight.lock().expect("downloads lock");
         if let Some(download) = in_flight.get(digest) {
@@ -241,7 +249,14 @@ impl Cache {
         tokio::spawn(async move {
             let _leaves = leaves;
             let outcome = this
-                .download(&name, &digest, committed_before, &progress_tx, &received)
+                .download(
+                    &name,
+                    &digest,
+                    committed_before,
+                    ask_owner,
+                    &progress_tx,
+                    &received,
+                )
                 .await;
             let final_state = outcome.unwrap_or_else(|err| {
                 tracing::warn!(%name, %digest, error = %err, "blob download failed; nothing committed");
@@ -257,6 +272,7 @@ impl Cache {
         name: &RepoName,
         digest: &Digest,
         committed_before: u64,
+        ask_owner: AskOwner,
         progress: &watch::Sender<Progress>,
         received: &AtomicU64,
     ) -> Result<Progress, ApiError> {
@@ -277,12 +293,11 @@ impl Cache {
         {
             return Ok(Progress::Complete { total });
         }
-        let response = self
-            .upstream
-            .get_blob(name, digest)
-            .await
-            .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
-        let total = response.content_length();
+        let source = match self.ask_owner(name, digest, ask_owner).await {
+            Some(peer) => peer,
+            None => self.upstream_source(name, digest, 0).await?,
+        };
+        let total = source.total;
         let mut staged = self.storage.stage_blob().await.map_err(storage_failed)?;
         if let Some(total) = total
             && !self.room_for(&mut staged, total).await?
@@ -296,7 +311,7 @@ impl Cache {
             readable: 0,
             recent: RecentBatches::default(),
         });
-        self.stream_to_staging(response, total, &mut staged, progress, received)
+        self.stream_to_staging(name, digest, source, &mut staged, progress, received)
             .await?;
         let received = staged.received();
         self.verify_and_commit(digest, staged, progress).await?;
@@ -304,26 +319,118 @@ impl Cache {
         Ok(Progress::Complete { total: received })
     }
 
-    async fn stream_to_staging(
+    /// The owner replica's answer for a cold blob, when a cluster gives
+    /// the digest to another live replica and it answers promptly; `None`
+    /// to fetch from the upstream here.
+    async fn ask_owner(
         &self,
-        response: crate::upstream::SlottedResponse,
-        total: Option<u64>,
-        staged: &mut StagedBlob,
-        progress: &watch::Sender<Progress>,
-        received: &AtomicU64,
-    ) -> Result<(), ApiError> {
+        name: &RepoName,
+        digest: &Digest,
+        ask_owner: AskOwner,
+    ) -> Option<Source> {
+        let cluster = self
+            .cluster
+            .as_ref()
+            .filter(|_| ask_owner == AskOwner::Yes)?;
+        let owner = cluster.owner(digest.to_string().as_bytes());
+        if cluster.is_me(&owner) {
+            return None;
+        }
+        match cluster
+            .peers()
+            .blob(&owner, self.upstream.label(), name, digest)
+            .await
+        {
+            Ok(response) => Some(Source {
+                total: response.content_length(),
+                body: response
+                    .bytes_stream()
+                    .map(|chunk| chunk.map_err(|e| e.to_string()))
+                    .boxed(),
+                from_peer: true,
+            }),
+            Err(failure) => {
+                tracing::info!(%digest, owner = %owner.address, ?failure, "owner replica did not serve the blob; fetching it from the upstream");
+                None
+            }
+        }
+    }
+
+    /// The upstream's body from byte `skip` on (the bytes before it came
+    /// from the owner replica, whose body broke off).
+    async fn upstream_source(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        skip: u64,
+    ) -> Result<Source, ApiError> {
+        let response = self
+            .upstream
+            .get_blob(name, digest)
+            .await
+            .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
+        let total = response.content_length();
         let fetched = metrics()
             .upstream_bytes_fetched
             .get_or_create_owned(&UpstreamLabels {
                 upstream: self.upstream.label().to_owned(),
             });
-        let mut body = response.into_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| {
-                count_failure("transfer");
-                transfer_failed(format!("upstream transfer failed: {e}"))
-            })?;
-            fetched.inc_by(chunk.len() as u64);
+        let mut to_skip = skip;
+        let body = response
+            .into_stream()
+            .map(move |chunk| {
+                let chunk = chunk.map_err(|e| e.to_string())?;
+                fetched.inc_by(chunk.len() as u64);
+                let skipped = to_skip.min(chunk.len() as u64);
+                to_skip -= skipped;
+                Ok(chunk.slice(skipped as usize..))
+            })
+            .filter(|chunk| std::future::ready(!matches!(chunk, Ok(c) if c.is_empty())))
+            .boxed();
+        Ok(Source {
+            body,
+            total,
+            from_peer: false,
+        })
+    }
+
+    /// Streams `source` into staging. If the owner replica's body breaks
+    /// off (it died, or its download failed), the upstream takes over
+    /// from the first byte not yet staged; the digest check at the end
+    /// covers both parts.
+    async fn stream_to_staging(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        mut source: Source,
+        staged: &mut StagedBlob,
+        progress: &watch::Sender<Progress>,
+        received: &AtomicU64,
+    ) -> Result<(), ApiError> {
+        let total = source.total;
+        loop {
+            let chunk = match source.body.next().await {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(_)) | None if source.from_peer && !source.complete(staged) => {
+                    peer::count("cut");
+                    tracing::warn!(%digest, received = staged.received(), "the owner replica's body broke off; the upstream takes over");
+                    source = self
+                        .upstream_source(name, digest, staged.received())
+                        .await?;
+                    if source.total != total {
+                        count_failure("transfer");
+                        return Err(transfer_failed(
+                            "the upstream's size differs from the owner replica's".into(),
+                        ));
+                    }
+                    continue;
+                }
+                None => break,
+                Some(Err(e)) => {
+                    count_failure("transfer");
+                    return Err(transfer_failed(format!("upstream transfer failed: {e}")));
+                }
+            };
             received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             if total.is_some_and(|total| staged.received() + chunk.len() as u64 > total) {
                 count_failure("overlong");
@@ -387,6 +494,30 @@ impl Cache {
     async fn room_for(&self, staged: &mut StagedBlob, size: u64) -> Result<bool, ApiError> {
         Ok(self.storage.has_room_for(size)
             && staged.preallocate(size).await.map_err(storage_failed)?)
+    }
+}
+
+/// Whether a download may ask the blob's owner replica: not when the
+/// request comes from a peer that asked this replica as the owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AskOwner {
+    Yes,
+    No,
+}
+
+/// Where a download's bytes come from: the upstream, or the owner replica
+/// (which got them from the upstream).
+struct Source {
+    body: BoxStream<'static, Result<Bytes, String>>,
+    total: Option<u64>,
+    from_peer: bool,
+}
+
+impl Source {
+    /// Whether every byte announced has been staged (unknown length: the
+    /// end of the body is the end).
+    fn complete(&self, staged: &StagedBlob) -> bool {
+        self.total.is_none_or(|total| staged.received() >= total)
     }
 }
 

@@ -19,9 +19,11 @@ pub mod referrers;
 mod scope;
 pub mod tags;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::error::{ApiError, ErrorCode};
+use crate::cluster::Cluster;
 use crate::reference::{Digest, RepoName, Tag};
 use crate::singleflight::Flights;
 use crate::storage::Storage;
@@ -51,6 +53,9 @@ pub struct Cache {
     referrer_flights: Flights<(RepoName, Digest), Result<Referrers, ApiError>>,
     /// `policy`: what of this upstream is fetched and served at all.
     policy: ContentPolicy,
+    /// With `cluster:`, a cold blob whose owner is another replica is
+    /// asked of that replica first.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Cache {
@@ -72,12 +77,18 @@ impl Cache {
             storage,
             upstream,
             tag_ttl,
+            cluster: None,
         }
     }
 
     /// Serves only what `policy` admits.
     pub fn with_policy(self, policy: ContentPolicy) -> Self {
         Self { policy, ..self }
+    }
+
+    /// Cold blobs go through their owner replica (`None`: a single node).
+    pub fn with_cluster(self, cluster: Option<Arc<Cluster>>) -> Self {
+        Self { cluster, ..self }
     }
 
     /// Referrers lists fresh for `ttl` instead of `tagttl`.

@@ -24,7 +24,7 @@ pub async fn warm(
             config.storage_root.display()
         )
     })?;
-    let (registries, downloads) = crate::server::build_registries(&config, &storage)?;
+    let (registries, downloads) = crate::server::build_registries(&config, &storage, None)?;
     let platforms: Vec<String> = platform.into_iter().collect();
     let plan = Plan {
         platforms: &platforms,

@@ -54,6 +54,17 @@ impl Config {
             cache.insert("maxsize".into(), Value::from(max));
         }
         root.insert("cache".into(), Value::Mapping(cache));
+        if let Some(cluster) = &self.cluster {
+            let cluster = map([
+                ("advertise", string(&cluster.advertise)),
+                ("secret", string(MASK)),
+                ("heartbeat", duration(cluster.heartbeat)),
+                ("expiry", duration(cluster.expiry)),
+                ("peertimeout", duration(cluster.peer_timeout)),
+                ("maxpeerrequests", Value::from(cluster.max_peer_requests)),
+            ]);
+            root.insert("cluster".into(), Value::Mapping(cluster));
+        }
         if let Some(upstream) = &self.default_upstream {
             let mut proxy = upstream_map(upstream);
             proxy.insert(

@@ -15,11 +15,13 @@ use serde_yaml_ng::{Mapping, Value};
 use crate::auth::groups::Groups;
 use crate::auth::rules::Rules;
 
+mod cluster;
 mod describe;
 mod keys;
 mod upstreams;
 mod warming;
 
+pub use cluster::ClusterConfig;
 pub use keys::parse_duration;
 use keys::{KeyReader, apply_env_overrides};
 pub use upstreams::{UpstreamConfig, builtin_defaults, validate_registry_name};
@@ -64,6 +66,9 @@ pub struct Config {
     /// `auth.rules` and `auth.groups`: who may pull what; `None` = anyone
     /// who passes authentication pulls everything.
     pub access: Option<AccessConfig>,
+    /// `cluster:`: replicas of one storage that know each other; `None`
+    /// for a single node.
+    pub cluster: Option<ClusterConfig>,
     /// Paths of configured keys that Kura accepts but does not implement.
     pub ignored_keys: Vec<String>,
 }
@@ -238,6 +243,20 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `given` is exactly the secret. Compares SHA-256 digests of
+    /// both, every byte, so neither the secret's bytes nor its length show
+    /// in how long a refusal takes.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        use sha2::{Digest as _, Sha256};
+        let given = Sha256::digest(given);
+        let expected = Sha256::digest(self.0.as_bytes());
+        let difference = given
+            .iter()
+            .zip(expected.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        std::hint::black_box(difference) == 0
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -360,6 +379,7 @@ impl Config {
             token: read_token(keys)?,
             warming: warming::read_limits(keys)?,
             access: read_access(keys)?,
+            cluster: cluster::read_cluster(keys)?,
             ignored_keys: ignored_in_list,
         })
     }
@@ -399,6 +419,27 @@ impl Config {
             max_size: self.cache.max_size,
             grace: self.cache.gc_grace,
         }
+    }
+
+    /// What a server's collector keeps: [`Config::gc_policy`] with a grace
+    /// of at least two access flush intervals, as a use on another replica
+    /// reaches the storage within one, so the collector never plans without
+    /// the uses it must spare. (`kura gc` takes `cache.gcgrace` as given.)
+    pub fn collector_policy(&self) -> crate::gc::Policy {
+        let policy = self.gc_policy();
+        crate::gc::Policy {
+            grace: policy.grace.max(2 * self.access_flush_interval()),
+            ..policy
+        }
+    }
+
+    /// How often a server writes its access times out: every minute, or
+    /// four times per `cache.gcinterval` when that is shorter.
+    pub fn access_flush_interval(&self) -> Duration {
+        const LONGEST: Duration = Duration::from_secs(60);
+        LONGEST
+            .min(self.cache.gc_interval / 4)
+            .max(Duration::from_millis(100))
     }
 }
 
@@ -1046,6 +1087,73 @@ mod tests {
         assert_eq!(parse_size("k", "500MB").unwrap(), 500_000_000);
         assert_eq!(parse_size("k", "1.5KiB").unwrap(), 1536);
         assert_eq!(parse_size("k", "4096").unwrap(), 4096);
+    }
+
+    #[test]
+    fn reads_the_cluster_section_and_masks_its_secret() {
+        let config = load_yaml("cache:\n  gcinterval: 8s\n", &[]).unwrap();
+        assert!(config.cluster.is_none(), "a single node without cluster:");
+        assert_eq!(config.access_flush_interval(), Duration::from_secs(2));
+        assert_eq!(config.collector_policy().grace, Duration::from_secs(600));
+        let config = load_yaml("cache:\n  gcinterval: 8s\n  gcgrace: 0\n", &[]).unwrap();
+        assert_eq!(config.gc_policy().grace, Duration::ZERO);
+        assert_eq!(config.collector_policy().grace, Duration::from_secs(4));
+
+        let yaml = "cluster:\n  advertise: http://10.0.0.7:5000\n  secret: correct-horse-battery\n  heartbeat: 1s\n  expiry: 3s\n";
+        let config = load_yaml(yaml, &[]).unwrap();
+        let cluster = config.cluster.as_ref().unwrap();
+        assert_eq!(cluster.advertise.as_str(), "http://10.0.0.7:5000/");
+        assert_eq!(cluster.secret.expose(), "correct-horse-battery");
+        assert_eq!(cluster.heartbeat, Duration::from_secs(1));
+        assert_eq!(cluster.expiry, Duration::from_secs(3));
+        assert_eq!(cluster.peer_timeout, Duration::from_secs(2));
+        assert_eq!(cluster.max_peer_requests, 64);
+        assert!(config.ignored_keys.is_empty(), "{:?}", config.ignored_keys);
+        let described = config.describe();
+        assert!(described.contains("advertise: http://10.0.0.7:5000/"));
+        assert!(!described.contains("correct-horse-battery"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "from-a-mounted-file\n").unwrap();
+        let yaml = format!(
+            "cluster:\n  advertise: http://k:5000\n  secretfile: {}\n",
+            file.display()
+        );
+        let secret = load_yaml(&yaml, &[]).unwrap().cluster.unwrap().secret;
+        assert_eq!(secret.expose(), "from-a-mounted-file");
+    }
+
+    #[test]
+    fn a_cluster_needs_an_address_a_long_secret_and_sane_timing() {
+        let cases = [
+            (
+                "cluster:\n  secret: correct-horse-battery\n",
+                "cluster.advertise",
+            ),
+            ("cluster:\n  advertise: http://k:5000\n", "cluster.secret"),
+            (
+                "cluster:\n  advertise: http://k:5000\n  secret: short\n",
+                "cluster.secret",
+            ),
+            (
+                "cluster:\n  advertise: k:5000\n  secret: correct-horse-battery\n",
+                "cluster.advertise",
+            ),
+            (
+                "cluster:\n  advertise: http://k:5000\n  secret: correct-horse-battery\n  heartbeat: 5s\n  expiry: 6s\n",
+                "cluster.expiry",
+            ),
+            (
+                "cluster:\n  advertise: http://k:5000\n  secretfile: /nonexistent/kura-secret\n",
+                "cluster.secretfile",
+            ),
+        ];
+        for (yaml, key) in cases {
+            let err = load_yaml(yaml, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+            assert!(!err.contains("correct-horse-battery"), "{err}");
+        }
     }
 
     #[test]

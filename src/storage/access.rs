@@ -22,9 +22,32 @@ pub struct AccessTracker {
     recent: Mutex<HashMap<Digest, SystemTime>>,
     /// S3: everything this node has flushed, rewritten as one object.
     flushed: tokio::sync::Mutex<HashMap<Digest, SystemTime>>,
+    /// The node name of this process's record, when not the host name: a
+    /// cluster replica's id, as replicas may share a host name (several
+    /// on one machine), and two writers of one record would each
+    /// overwrite the other's accesses.
+    node: std::sync::OnceLock<String>,
 }
 
 impl AccessTracker {
+    /// Names this process's record `node` instead of the host name; only
+    /// before the first flush (later, the first name stays).
+    pub fn name_node(&self, node: &str) {
+        let _ = self.node.set(node.to_owned());
+    }
+
+    /// This node's access object: named after the node (the pod name in
+    /// Kubernetes), or as [`AccessTracker::name_node`] said.
+    fn own_key(&self) -> String {
+        match self.node.get() {
+            Some(node) => format!("{ACCESS_PREFIX}{node}"),
+            None => {
+                let host = rustix::system::uname();
+                format!("{ACCESS_PREFIX}{}", host.nodename().to_string_lossy())
+            }
+        }
+    }
+
     pub fn record(&self, digest: &Digest) {
         let now = SystemTime::now();
         self.recent
@@ -70,7 +93,7 @@ impl AccessTracker {
                 .map(|(digest, time)| (digest.to_string(), seconds(*time)))
                 .collect();
             let body = serde_json::to_vec(&encoded).map_err(io::Error::other)?;
-            objects.write(&own_key(), body, staging).await?;
+            objects.write(&self.own_key(), body, staging).await?;
         }
         self.forget(&accesses);
         Ok(())
@@ -101,7 +124,7 @@ impl AccessTracker {
             .lock()
             .await
             .retain(|digest, _| is_stored(digest));
-        let own = own_key();
+        let own = self.own_key();
         for (key, meta) in objects.list(ACCESS_PREFIX).await? {
             if key != own && meta.modified < stale_before {
                 objects.delete(&key).await?;
@@ -138,11 +161,4 @@ impl AccessTracker {
 
 fn seconds(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// This node's access object, named after the node (the pod name in
-/// Kubernetes).
-fn own_key() -> String {
-    let node = rustix::system::uname();
-    format!("{ACCESS_PREFIX}{}", node.nodename().to_string_lossy())
 }

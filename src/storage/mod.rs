@@ -9,6 +9,7 @@
 //! repositories/<name>/_referrers/sha256/<hex>              a subject's referrers index; modified = last confirmed
 //! repositories/<registry>/<name>/...                        the same, for a named upstream
 //! _kura/access/<node>                                       last use per blob (S3 only)
+//! _kura/replicas/<id>                                       a cluster replica's heartbeat (address)
 //! <local root>/staging/<process>/<uuid>                     downloads in progress, per process
 //! ```
 //!
@@ -26,6 +27,7 @@ pub mod catalog;
 pub mod file_reads;
 pub mod index;
 pub mod objects;
+pub mod replicas;
 pub mod staging;
 
 use std::collections::HashMap;
@@ -131,6 +133,12 @@ impl Storage {
             namespace: Some(registry.to_owned()),
             ..self.clone()
         }
+    }
+
+    /// Names this process's access record (S3) `node`: see
+    /// [`access::AccessTracker::name_node`].
+    pub fn name_access_records(&self, node: &str) {
+        self.access.name_node(node);
     }
 
     /// Notes that a blob or manifest was just served.
