@@ -13,6 +13,7 @@ use crate::cache::Cache;
 use crate::cache::tags::Page;
 use crate::reference::RepoName;
 use crate::storage::Storage;
+use crate::storage::catalog::Age;
 
 /// `n` and `last` from a query string.
 struct Paging {
@@ -51,7 +52,7 @@ pub async fn catalog(
 ) -> Result<Response, ApiError> {
     let paging = parse_paging(query)?;
     let page = storage
-        .catalog_page(paging.n, paging.last.as_deref(), visible)
+        .catalog_page(Age::Fresh, paging.n, paging.last.as_deref(), visible)
         .await
         .map_err(|e| ApiError::internal(format!("listing repositories: {e}")))?;
     let body = json!({ "repositories": page.items });

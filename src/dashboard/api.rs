@@ -35,6 +35,7 @@ use crate::metrics::{
 };
 use crate::reference::{Digest, RepoName, Tag};
 use crate::storage::Storage;
+use crate::storage::catalog::Age;
 
 /// Entries per page when the request does not say.
 pub const DEFAULT_PAGE: usize = 50;
@@ -228,7 +229,7 @@ pub(super) async fn repositories(
         |name: &str| name.contains(&paging.query) && d.gate.may_see(&d.registries, &identity, name);
     let page = d
         .storage
-        .catalog_search(Some(paging.n), paging.last.as_deref(), visible)
+        .catalog_page(Age::Kept, Some(paging.n), paging.last.as_deref(), visible)
         .await
         .map_err(|e| ApiError::internal(format!("listing repositories: {e}")))?;
     let next = page.more.then(|| page.items.last().cloned()).flatten();

@@ -43,6 +43,17 @@ struct State {
     noted_during_listing: Option<BTreeSet<String>>,
 }
 
+/// How old the listing behind a page may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Age {
+    /// Younger than the refresh interval (`_catalog`).
+    Fresh,
+    /// Whatever is kept, however old (the dashboard, while a new listing
+    /// runs behind); never when none is kept (never listed, or more names
+    /// than the bound).
+    Kept,
+}
+
 pub struct Catalog {
     state: Mutex<State>,
     listings: Flights<(), Listing>,
@@ -68,31 +79,21 @@ impl Catalog {
         self.state.lock().expect("catalog lock")
     }
 
-    /// A page of the cached names the client may see, if the listing is
-    /// recent enough.
-    pub fn fresh_page(
-        &self,
-        n: Option<usize>,
-        last: Option<&str>,
-        visible: impl Fn(&str) -> bool,
-    ) -> Option<Page> {
-        let state = self.state();
-        let fresh = state.listed_at.is_some_and(|at| at.elapsed() < REFRESH);
-        fresh.then(|| page(&state.names, n, last, visible))
-    }
-
-    /// A page of the kept names however old the listing (the dashboard
-    /// shows it while a new listing runs); `None` with none kept (never
-    /// listed, or more names than the bound).
+    /// A page of the kept names the client may see, if the listing
+    /// behind them is as recent as `age` asks.
     pub fn kept_page(
         &self,
+        age: Age,
         n: Option<usize>,
         last: Option<&str>,
         visible: impl Fn(&str) -> bool,
     ) -> Option<Page> {
         let state = self.state();
-        let kept = state.listed_at.is_some() || !state.names.is_empty();
-        kept.then(|| page(&state.names, n, last, visible))
+        let usable = match age {
+            Age::Fresh => state.listed_at.is_some_and(|at| at.elapsed() < REFRESH),
+            Age::Kept => state.listed_at.is_some() || !state.names.is_empty(),
+        };
+        usable.then(|| page(&state.names, n, last, visible))
     }
 
     /// Runs `list` unless a listing is under way already (then joins it),
@@ -225,7 +226,9 @@ mod tests {
     async fn a_noted_repository_shows_at_once_and_one_noted_while_listing_is_kept() {
         let catalog = Arc::new(Catalog::default());
         assert!(
-            catalog.fresh_page(None, None, |_| true).is_none(),
+            catalog
+                .kept_page(Age::Fresh, None, None, |_| true)
+                .is_none(),
             "never listed"
         );
         catalog.note("early");
@@ -239,12 +242,18 @@ mod tests {
             .unwrap();
         assert_eq!(*listed, names(&["during", "listed"]));
         catalog.note("after");
-        let page = catalog.fresh_page(None, None, |_| true).expect("fresh");
+        let page = catalog
+            .kept_page(Age::Fresh, None, None, |_| true)
+            .expect("fresh");
         assert_eq!(page.items, ["after", "during", "listed"]);
         catalog.invalidate();
-        assert!(catalog.fresh_page(None, None, |_| true).is_none());
+        assert!(
+            catalog
+                .kept_page(Age::Fresh, None, None, |_| true)
+                .is_none()
+        );
         let kept = catalog
-            .kept_page(None, None, |_| true)
+            .kept_page(Age::Kept, None, None, |_| true)
             .expect("kept for the dashboard");
         assert_eq!(kept.items, ["after", "during", "listed"]);
     }

@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 use std::io;
 use std::time::SystemTime;
 
+use super::Storage;
+use super::catalog::{self, Age};
 use super::objects::ObjectMeta;
-use super::{Storage, catalog};
 use crate::cache::tags::Page;
 use crate::reference::{Digest, RepoName, Tag};
 
@@ -293,35 +294,22 @@ impl Storage {
     }
 
     /// A page of [`Storage::list_repositories`] counting only names
-    /// `visible` accepts, from the in-memory catalog while it is fresh,
-    /// else after one (shared) listing.
+    /// `visible` accepts: from the in-memory catalog while it is fresh;
+    /// with [`Age::Kept`], from the last listing however old while a new
+    /// one runs in the background; else after one (shared) listing.
     pub async fn catalog_page(
         &self,
+        age: Age,
         n: Option<usize>,
         last: Option<&str>,
         visible: impl Fn(&str) -> bool,
     ) -> io::Result<Page> {
-        if let Some(page) = self.catalog.fresh_page(n, last, &visible) {
+        if let Some(page) = self.catalog.kept_page(Age::Fresh, n, last, &visible) {
             return Ok(page);
         }
-        let listing = self.relist_catalog().await?;
-        Ok(catalog::page(&listing, n, last, visible))
-    }
-
-    /// For the dashboard: a page of the names `visible` accepts from the
-    /// last listing however old, while a new one (shared, one at a time)
-    /// runs in the background; only with no listing kept at all does it
-    /// wait for one.
-    pub async fn catalog_search(
-        &self,
-        n: Option<usize>,
-        last: Option<&str>,
-        visible: impl Fn(&str) -> bool,
-    ) -> io::Result<Page> {
-        if let Some(page) = self.catalog.fresh_page(n, last, &visible) {
-            return Ok(page);
-        }
-        if let Some(page) = self.catalog.kept_page(n, last, &visible) {
+        if age == Age::Kept
+            && let Some(page) = self.catalog.kept_page(Age::Kept, n, last, &visible)
+        {
             let storage = self.clone();
             tokio::spawn(async move { storage.relist_catalog().await });
             return Ok(page);
