@@ -26,6 +26,7 @@ pub mod gc;
 pub mod glob;
 pub mod logging;
 pub mod metrics;
+pub mod policy_reload;
 pub mod reference;
 pub mod routing;
 pub mod server;

@@ -16,11 +16,12 @@ use crate::api::{ApiOptions, ops_router, router};
 use crate::auth::Gate;
 use crate::cache::{Admission, Cache};
 use crate::cluster::{self, Cluster};
-use crate::config::{Config, ConnectionLimits, UpstreamConfig};
+use crate::config::{Config, ConfigSource, ConnectionLimits, UpstreamConfig};
 use crate::connections::{PeerAddr, idle_guard, limited_server, listen};
 use crate::dashboard::{self, Dashboard, history::History};
 use crate::gc;
 use crate::metrics::metrics;
+use crate::policy_reload;
 use crate::routing::Registries;
 use crate::storage::Storage;
 use crate::upstream::Upstream;
@@ -33,7 +34,8 @@ const USAGE_INTERVAL: Duration = Duration::from_secs(60);
 /// probes and scrapers there still get in when the main listener is full.
 const DEBUG_MAX_CONNECTIONS: usize = 32;
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Serves `config`; with a `source`, content policies follow its file.
+pub async fn run(config: Config, source: Option<ConfigSource>) -> anyhow::Result<()> {
     raise_open_file_limit();
     for key in &config.ignored_keys {
         tracing::info!(
@@ -56,6 +58,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (registries, admission) = build_registries(&config, &storage, cluster.as_ref())?;
     let registries = Arc::new(registries);
     let gate = Arc::new(Gate::load(&config).context("auth")?);
+    if let Some(source) = source {
+        tokio::spawn(policy_reload::follow(source, registries.clone()));
+    }
     let warming = Warming::start(&config, &registries);
     let last_collection = gc::LastCollection::default();
     let history = Arc::new(History::default());

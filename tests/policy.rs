@@ -1,8 +1,8 @@
 //! Content policy and immutable tags against a real Distribution 2.8
 //! upstream: what the policy refuses is 403 `DENIED` (manifests by tag and
 //! digest, blobs, tag lists, referrers, `kura warm`) and never reaches the
-//! upstream, counted in its access log; tightening the policy closes what
-//! was cached before; an immutable tag keeps its digest past `tagttl` with
+//! upstream, counted in its access log; tightening the policy in the file
+//! closes what was cached before, without a restart; an immutable tag keeps its digest past `tagttl` with
 //! no upstream request while a mutable one follows the upstream.
 
 mod support;
@@ -68,7 +68,7 @@ async fn refused_content_never_reaches_the_upstream() {
     let policy =
         "    allow: [\"public/*\", \"private/*\"]\n    deny: [\"private/*\"]\n    tags: [\"v*\"]\n";
     write_config(&config, &upstream, policy, "");
-    let mut kura = start_kura(&upstream, &config).await;
+    let kura = start_kura(&upstream, &config).await;
     let before = upstream.requests().len();
 
     let private_blob = &private.config.digest;
@@ -124,11 +124,25 @@ async fn refused_content_never_reaches_the_upstream() {
     let catalog = kura.get_json("/v2/_catalog").await;
     assert_eq!(catalog["repositories"], serde_json::json!(["public/app"]));
 
-    // Tightening the policy closes what is already cached, upstream or not,
-    // and `_catalog` no longer names it.
+    // Tightening the policy in the file closes what is already cached,
+    // upstream or not, without a restart, and `_catalog` no longer names it.
     let tightened = "    deny: [\"public/**\"]\n";
     write_config(&config, &upstream, tightened, "");
-    kura.restart().await;
+    let manifest = "/v2/public/app/manifests/v1";
+    let mut status = 200;
+    for _ in 0..50 {
+        status = kura.get(manifest).await.status().as_u16();
+        if status == 403 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        status,
+        403,
+        "the tightened policy was not reloaded within 10 s\n{}",
+        kura.log_text()
+    );
     let before = upstream.requests().len();
     for path in [
         "/v2/public/app/manifests/v1".to_owned(),

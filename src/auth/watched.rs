@@ -86,7 +86,9 @@ impl<T> WatchedFile<T> {
     }
 }
 
-fn version_of(path: &Path) -> Option<(SystemTime, u64)> {
+/// A file's modification time and size: a change of either is a new
+/// version.
+pub fn version_of(path: &Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
 }

@@ -43,7 +43,7 @@ impl Cache {
         };
         self.admit(name, tag)?;
         if let Some(tag) = tag
-            && self.policy.is_immutable(tag.as_str())
+            && self.policy().is_immutable(tag.as_str())
             && let Some(link) = self
                 .storage
                 .tag_link(name, tag)

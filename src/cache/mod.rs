@@ -19,7 +19,7 @@ pub mod referrers;
 mod scope;
 pub mod tags;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::api::error::{ApiError, ErrorCode};
@@ -51,8 +51,9 @@ pub struct Cache {
     /// A referrers fetch may try the API, then revalidate the referrers
     /// tag: twice a metadata fetch's deadline.
     referrer_flights: Flights<(RepoName, Digest), Result<Referrers, ApiError>>,
-    /// `policy`: what of this upstream is fetched and served at all.
-    policy: ContentPolicy,
+    /// `policy`: what of this upstream is fetched and served at all;
+    /// replaced whole when the configuration file changes.
+    policy: RwLock<Arc<ContentPolicy>>,
     /// With `cluster:`, a cold blob whose owner is another replica is
     /// asked of that replica first.
     cluster: Option<Arc<Cluster>>,
@@ -73,7 +74,7 @@ impl Cache {
             downloads: download::Downloads::new(admission),
             referrers_ttl: tag_ttl,
             referrer_flights: Flights::new(2 * upstream.fetch_deadline()),
-            policy: ContentPolicy::default(),
+            policy: RwLock::default(),
             storage,
             upstream,
             tag_ttl,
@@ -83,7 +84,18 @@ impl Cache {
 
     /// Serves only what `policy` admits.
     pub fn with_policy(self, policy: ContentPolicy) -> Self {
-        Self { policy, ..self }
+        self.set_policy(policy);
+        self
+    }
+
+    /// From now on, serves only what `policy` admits.
+    pub fn set_policy(&self, policy: ContentPolicy) {
+        *self.policy.write().expect("policy lock") = Arc::new(policy);
+    }
+
+    /// The content policy in force.
+    fn policy(&self) -> Arc<ContentPolicy> {
+        Arc::clone(&self.policy.read().expect("policy lock"))
     }
 
     /// Cold blobs go through their owner replica (`None`: a single node).
@@ -131,7 +143,7 @@ impl Cache {
 
     fn verdict(&self, name: &RepoName, tag: Option<&Tag>) -> Verdict {
         let repository = self.upstream.upstream_name(name);
-        self.policy.decide(&repository, tag.map(Tag::as_str))
+        self.policy().decide(&repository, tag.map(Tag::as_str))
     }
 
     /// The content policy's decision, taken first by every public method

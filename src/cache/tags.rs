@@ -72,12 +72,13 @@ impl Cache {
     /// The tags the content policy lets a client resolve: a list shows
     /// only what can be pulled (paging counts these, not the upstream's).
     fn resolvable<'a>(&self, tags: &'a [String]) -> Cow<'a, [String]> {
-        if tags.iter().all(|tag| self.policy.allows_tag(tag)) {
+        let policy = self.policy();
+        if tags.iter().all(|tag| policy.allows_tag(tag)) {
             return Cow::Borrowed(tags);
         }
         Cow::Owned(
             (tags.iter())
-                .filter(|tag| self.policy.allows_tag(tag))
+                .filter(|tag| policy.allows_tag(tag))
                 .cloned()
                 .collect(),
         )

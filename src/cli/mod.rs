@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, ConfigSource, Overrides};
 
 #[derive(Parser)]
 #[command(
@@ -117,11 +117,15 @@ pub fn main() -> ExitCode {
                 upstream,
                 cache_dir,
             };
+            let source = config.clone().map(|path| ConfigSource {
+                path,
+                overrides: overrides.clone(),
+            });
             let Some(config) = load(config, &overrides) else {
                 return ExitCode::from(2);
             };
             crate::logging::init(&config.log);
-            run(crate::server::run(config))
+            run(crate::server::run(config, source))
         }
         Command::Config {
             command: ConfigCommand::Check { config },

@@ -273,6 +273,20 @@ pub struct Overrides {
     pub cache_dir: Option<PathBuf>,
 }
 
+/// Where a server's configuration came from, to read it again as it was
+/// read at startup (file, then `REGISTRY_*` variables, then flags).
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub overrides: Overrides,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(Some(&self.path), std::env::vars(), &self.overrides)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
