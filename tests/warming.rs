@@ -41,7 +41,7 @@ fn options(upstream_url: &str) -> KuraOptions {
 }
 
 async fn status(kura: &Kura) -> Value {
-    kura.get_json("/kura/warm/status").await
+    kura.get_json("/kura/api/v1/warming").await
 }
 
 /// Waits (bounded) until no warming job is queued, running or retrying.

@@ -4,7 +4,7 @@
 //! through the upstream's cache ([`image`], what `kura warm` runs), so
 //! downloads coalesce with client pulls and take `cache.maxdownloads`
 //! turns like them. The schedule's manifest GETs are paid from an hourly
-//! budget per upstream ([`budget`]). `GET /kura/warm/status` shows the
+//! budget per upstream ([`budget`]). `GET /kura/api/v1/warming` shows the
 //! queue and the last outcomes.
 
 pub mod budget;
@@ -75,7 +75,7 @@ impl Warming {
         Arc::new(Self { queue, upstreams })
     }
 
-    /// `POST /kura/events/{upstream}` and `GET /kura/warm/status`.
+    /// `POST /kura/events/{upstream}` and `GET /kura/api/v1/warming`.
     /// The push-event endpoint, authenticated by each upstream's
     /// `events.secret`, not by client logins.
     pub fn event_routes(self: &Arc<Self>) -> Router {
@@ -87,7 +87,7 @@ impl Warming {
     /// The status view, which names repositories: for logged-in clients.
     pub fn status_routes(self: &Arc<Self>) -> Router {
         Router::new()
-            .route("/kura/warm/status", get(status))
+            .route("/kura/api/v1/warming", get(status))
             .with_state(self.clone())
     }
 }
