@@ -49,6 +49,7 @@ pub async fn run(config: Config, source: Option<ConfigSource>) -> anyhow::Result
             config.storage_root.display()
         )
     })?;
+    storage.relist_catalog_behind();
     let cluster = config
         .cluster
         .as_ref()

@@ -310,8 +310,7 @@ impl Storage {
         if age == Age::Kept
             && let Some(page) = self.catalog.kept_page(Age::Kept, n, last, &visible)
         {
-            let storage = self.clone();
-            tokio::spawn(async move { storage.relist_catalog().await });
+            self.relist_catalog_behind();
             return Ok(page);
         }
         let listing = self.relist_catalog().await?;
@@ -320,6 +319,18 @@ impl Storage {
 
     /// Lists every repository into the catalog (joining a listing under
     /// way).
+    /// Lists every repository into the catalog in the background (at
+    /// startup, so the first `_catalog` or dashboard page finds the names
+    /// in memory; and while the dashboard is served older ones).
+    pub fn relist_catalog_behind(&self) {
+        let storage = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = storage.relist_catalog().await {
+                tracing::warn!(error = %e, "cannot list repositories");
+            }
+        });
+    }
+
     async fn relist_catalog(&self) -> io::Result<catalog::Names> {
         let storage = self.clone();
         self.catalog
