@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HOST = "127.0.0.1"
 MiB = 1 << 20
+GiB = 1 << 30
 ACCEPT = ", ".join(
     [
         "application/vnd.oci.image.manifest.v1+json",

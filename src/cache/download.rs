@@ -34,12 +34,12 @@ use crate::cluster::peer;
 use crate::metrics::{ReasonLabels, UpstreamLabels, metrics};
 use crate::reference::{Digest, RepoName};
 use crate::storage::StagedBlob;
-use crate::storage::blobs::CommitError;
+use crate::storage::blobs::{Batch, CommitError};
 
-/// Written batches a download keeps in memory for its followers (about
-/// 1 MiB each): a client keeping up with the upstream is served from
+/// Written bytes a download keeps in memory for its followers (the newest
+/// batches, whole): a client keeping up with the upstream is served from
 /// here, without reading the staging file back.
-const RECENT_BATCHES: usize = 4;
+const RECENT_BYTES: usize = 4 << 20;
 
 /// How far a shared download has got.
 #[derive(Clone)]
@@ -438,7 +438,7 @@ impl Cache {
                     "upstream sent more than its Content-Length".into(),
                 ));
             }
-            let batch = staged.write(&chunk).await.map_err(storage_failed)?;
+            let batch = staged.write(chunk).await.map_err(storage_failed)?;
             publish(progress, staged, batch);
         }
         if total.is_some_and(|total| staged.received() != total) {
@@ -556,7 +556,7 @@ impl Drop for GaugeGuard {
 
 /// Makes a batch just written readable to followers (all but the last
 /// byte of a known-length blob, which waits for verification).
-fn publish(progress: &watch::Sender<Progress>, staged: &StagedBlob, batch: Option<Bytes>) {
+fn publish(progress: &watch::Sender<Progress>, staged: &StagedBlob, batch: Option<Batch>) {
     let Some(batch) = batch else { return };
     progress.send_modify(|state| {
         if let Progress::Streaming {
@@ -567,7 +567,7 @@ fn publish(progress: &watch::Sender<Progress>, staged: &StagedBlob, batch: Optio
         } = state
         {
             *readable = readable_before_verification(staged.written(), *total);
-            recent.push(staged.written() - batch.len() as u64, batch);
+            recent.push(staged.written() - batch.len as u64, batch);
         }
     });
 }
@@ -577,28 +577,43 @@ fn storage_failed(err: std::io::Error) -> ApiError {
     storage_error(err)
 }
 
-/// The newest written batches of a download, by offset, oldest first.
+/// The parts of the newest written batches of a download, by offset,
+/// oldest first: whole batches, [`RECENT_BYTES`] or just over.
 #[derive(Clone, Default)]
-pub(super) struct RecentBatches(std::collections::VecDeque<(u64, Bytes)>);
+pub(super) struct RecentBatches {
+    parts: std::collections::VecDeque<(u64, Bytes)>,
+    /// Bytes in `parts`.
+    held: usize,
+    /// Parts per batch held, oldest first: batches are let go whole.
+    batches: std::collections::VecDeque<usize>,
+}
 
 impl RecentBatches {
-    fn push(&mut self, start: u64, batch: Bytes) {
-        if self.0.len() == RECENT_BATCHES {
-            self.0.pop_front();
+    fn push(&mut self, mut start: u64, batch: Batch) {
+        while self.held + batch.len > RECENT_BYTES
+            && let Some(parts) = self.batches.pop_front()
+        {
+            for (_, part) in self.parts.drain(..parts) {
+                self.held -= part.len();
+            }
         }
-        self.0.push_back((start, batch));
+        self.held += batch.len;
+        self.batches.push_back(batch.parts.len());
+        for part in batch.parts {
+            let len = part.len() as u64;
+            self.parts.push_back((start, part));
+            start += len;
+        }
     }
 
     /// The bytes from `pos` up to `limit` (exclusive) that are still held,
-    /// as a view into the batch that holds `pos`.
+    /// as a view into the part that holds `pos`.
     pub(super) fn slice(&self, pos: u64, limit: u64) -> Option<Bytes> {
-        let (start, batch) = self
-            .0
-            .iter()
-            .find(|(start, batch)| (*start..*start + batch.len() as u64).contains(&pos))?;
+        let after = self.parts.partition_point(|(start, _)| *start <= pos);
+        let (start, part) = self.parts.get(after.checked_sub(1)?)?;
         let from = (pos - start) as usize;
-        let to = limit.saturating_sub(*start).min(batch.len() as u64) as usize;
-        (from < to).then(|| batch.slice(from..to))
+        let to = limit.saturating_sub(*start).min(part.len() as u64) as usize;
+        (from < to).then(|| part.slice(from..to))
     }
 }
 
@@ -649,20 +664,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recent_batches_serve_views_of_the_newest_batches() {
+    fn recent_batches_serve_views_of_the_newest_parts() {
+        // Batches of two parts, a quarter of what is held each.
+        let quarter = RECENT_BYTES / 4;
         let mut recent = RecentBatches::default();
-        for i in 0..(RECENT_BATCHES as u64 + 1) {
-            recent.push(i * 4, Bytes::from(vec![i as u8; 4]));
+        for i in 0..5u8 {
+            let mut batch = Batch::default();
+            batch.push(Bytes::from(vec![i; quarter - 4]));
+            batch.push(Bytes::from(vec![i + 100; 4]));
+            recent.push(u64::from(i) * quarter as u64, batch);
         }
-        assert_eq!(recent.slice(0, 100), None, "the oldest batch was let go");
-        assert_eq!(recent.slice(5, 100).unwrap(), vec![1u8; 3]);
         assert_eq!(
-            recent.slice(9, 11).unwrap(),
-            vec![2u8; 2],
-            "capped at the limit"
+            recent.held, RECENT_BYTES,
+            "the oldest batch was let go whole"
         );
-        assert_eq!(recent.slice(9, 9), None, "nothing readable yet");
-        let past_the_end = 4 * (RECENT_BATCHES as u64 + 1);
+        assert_eq!(recent.slice(0, u64::MAX), None);
+        let second = quarter as u64;
+        assert_eq!(recent.slice(second + 1, second + 4).unwrap(), vec![1u8; 3]);
+        assert_eq!(
+            recent.slice(2 * second - 3, u64::MAX).unwrap(),
+            vec![101u8; 3],
+            "a view of the part holding the position, to its end"
+        );
+        assert_eq!(recent.slice(second, second), None, "nothing readable yet");
+        let past_the_end = 5 * quarter as u64;
         assert_eq!(recent.slice(past_the_end, past_the_end + 10), None);
     }
 

@@ -191,6 +191,23 @@ where
     run(command(config))
 }
 
+/// Keeps memory freed by a download in glibc's heap for the next chunks
+/// instead of handing it back at once. A cold download holds the
+/// upstream's chunks (a few hundred KiB each, several MiB in flight) until
+/// they are written, hashed and followed, then frees them: with glibc's
+/// defaults each free above 128 KiB trimmed the heap and the next chunk
+/// faulted in fresh zeroed pages, a page fault per 4 KiB received. The
+/// server still returns free heap every few seconds (`malloc_trim`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn reuse_freed_heap() {
+    // SAFETY: mallopt sets glibc's allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
 /// Threads for blocking calls (file opens, reads the page cache cannot
 /// answer, staging writes and hashes, fsyncs). tokio's default is 512;
 /// every blocking task Kura runs is one short call that never waits for
@@ -199,6 +216,8 @@ where
 const MAX_BLOCKING_THREADS: usize = 64;
 
 fn run(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    reuse_freed_heap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(MAX_BLOCKING_THREADS)
