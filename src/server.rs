@@ -82,8 +82,8 @@ pub async fn run(config: Config, source: Option<ConfigSource>) -> anyhow::Result
         storage.clone(),
         ApiOptions {
             access_log: config.log.access_log,
+            pages: dashboard::routes(dashboard).merge(warming.status_routes(gate.clone())),
             gate,
-            pages: dashboard::routes(dashboard).merge(warming.status_routes()),
         },
     )
     // Beside the registry API, outside its login: push events carry their

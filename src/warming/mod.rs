@@ -17,10 +17,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+use crate::auth::{Gate, Identity};
 use crate::cache::Cache;
 use crate::config::{Config, UpstreamWarming};
 use crate::reference::{Reference, RepoName, Tag};
@@ -84,11 +85,23 @@ impl Warming {
             .with_state(self.clone())
     }
 
-    /// The status view, which names repositories: for logged-in clients.
-    pub fn status_routes(self: &Arc<Self>) -> Router {
+    /// The status view, which names repositories: for logged-in clients,
+    /// each shown only the jobs of repositories it may pull.
+    pub fn status_routes(self: &Arc<Self>, gate: Arc<Gate>) -> Router {
         Router::new()
             .route("/kura/api/v1/warming", get(status))
-            .with_state(self.clone())
+            .with_state((self.clone(), gate))
+    }
+
+    /// Whether `identity` may pull the repository a job or record names,
+    /// as the registry API would decide it.
+    fn may_pull(&self, gate: &Gate, identity: &Identity, upstream: &str, repository: &str) -> bool {
+        let (Some(warmer), Some(repository)) =
+            (self.upstreams.get(upstream), RepoName::parse(repository))
+        else {
+            return false;
+        };
+        gate.may_pull(identity, &warmer.cache.rule_name(&repository))
     }
 }
 
@@ -104,8 +117,13 @@ fn runner(upstreams: HashMap<String, Arc<UpstreamWarmer>>) -> Runner {
     })
 }
 
-async fn status(State(warming): State<Arc<Warming>>) -> Response {
-    axum::Json(warming.queue.status()).into_response()
+async fn status(
+    State((warming, gate)): State<(Arc<Warming>, Arc<Gate>)>,
+    Extension(identity): Extension<Identity>,
+) -> Response {
+    let visible =
+        |upstream: &str, repository: &str| warming.may_pull(&gate, &identity, upstream, repository);
+    axum::Json(warming.queue.status(visible)).into_response()
 }
 
 impl UpstreamWarmer {

@@ -327,13 +327,16 @@ impl Queue {
         update_gauges(&inner);
     }
 
-    /// The status view: counts, current jobs, recent outcomes (newest first).
-    pub fn status(&self) -> serde_json::Value {
+    /// The status view: counts, current jobs, recent outcomes (newest
+    /// first). Jobs and outcomes are listed where `visible(upstream,
+    /// repository)` allows; the counts are of all of them.
+    pub fn status(&self, visible: impl Fn(&str, &str) -> bool) -> serde_json::Value {
         let inner = self.inner.lock().expect("warming queue lock");
         let count = |state: State| inner.entries.values().filter(|e| e.state == state).count();
         let jobs: Vec<serde_json::Value> = inner
             .entries
             .values()
+            .filter(|entry| visible(&entry.job.upstream, entry.job.repository.as_str()))
             .take(LISTED_JOBS)
             .map(|entry| {
                 serde_json::json!({
@@ -353,7 +356,9 @@ impl Queue {
             "queuelength": self.limits.queue_length,
             "workers": self.limits.workers,
             "jobs": jobs,
-            "recent": inner.recent.iter().rev().collect::<Vec<_>>(),
+            "recent": inner.recent.iter().rev()
+                .filter(|record| visible(&record.upstream, &record.repository))
+                .collect::<Vec<_>>(),
         })
     }
 }
@@ -542,11 +547,11 @@ mod tests {
             1,
             "no retry before the backoff"
         );
-        assert_eq!(queue.status()["retrying"], 1);
+        assert_eq!(queue.status(|_, _| true)["retrying"], 1);
         // 200 + 400 + 800 ms of backoff in all.
         settle(&queue, &Notify::new()).await;
         assert_eq!(runs.load(Ordering::SeqCst), MAX_ATTEMPTS as usize);
-        let status = queue.status();
+        let status = queue.status(|_, _| true);
         assert_eq!(status["recent"][0]["outcome"], "failed");
         assert!(
             status["recent"][0]["reason"]
@@ -555,6 +560,9 @@ mod tests {
                 .contains("upstream down")
         );
         assert_eq!(status["queued"], 0);
+        // A client who may not pull the repository sees no job of it.
+        let hidden = queue.status(|_, _| false);
+        assert_eq!(hidden["recent"], serde_json::json!([]));
     }
 
     #[tokio::test]
