@@ -73,10 +73,7 @@ async fn what_one_replica_cached_another_serves_with_the_upstream_gone() {
     assert_eq!(index_via_a, index_via_b);
     assert_eq!(index_via_b.digests, index.all_digests());
 
-    assert_eq!(
-        b.catalog().await,
-        vec![image.repository.clone(), index.repository.clone()]
-    );
+    wait_for_catalog(&b, vec![image.repository.clone(), index.repository.clone()]).await;
     let local_blobs = _b_dir.path().join("local/blobs");
     assert!(!local_blobs.exists(), "an S3 replica stored blobs locally");
 }
@@ -339,14 +336,19 @@ async fn a_repository_pulled_through_one_replica_shows_in_anothers_catalog() {
     assert!(b.catalog().await.is_empty());
 
     assert!(a.pull(&seeded.multilayer).await);
-    let expected = vec![seeded.multilayer.repository.clone()];
-    // B's refresh (5 s) plus slack for a busy machine.
+    wait_for_catalog(&b, vec![seeded.multilayer.repository.clone()]).await;
+}
+
+/// Waits until `kura`'s `_catalog` is `expected`: a repository another
+/// replica linked shows after the next listing, within the catalog's
+/// refresh (5 s; 30 s allowed for a busy machine).
+async fn wait_for_catalog(kura: &Kura, expected: Vec<String>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while b.catalog().await != expected {
+    while kura.catalog().await != expected {
         assert!(
             std::time::Instant::now() < deadline,
-            "B's catalog still lacks what A cached: {:?}",
-            b.catalog().await
+            "the catalog still lacks what another replica cached: {:?}",
+            kura.catalog().await
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
