@@ -21,6 +21,7 @@ fn install_command(tool: &str) -> &'static str {
         "htpasswd" => "apt-get install -y apache2-utils",
         "chromium" => "apt-get install -y chromium",
         "moto_server" => "pip install 'moto[server]'",
+        "s3s-fs" => "cargo install s3s-fs --version 0.14.1 --features binary --locked",
         _ => "(unknown package)",
     }
 }

@@ -1,5 +1,9 @@
-//! An S3-protocol server for the tests: moto's server (`pip install
-//! 'moto[server]'`) on a loopback port, with one bucket; killed on drop.
+//! An S3-protocol server for the tests, on a loopback port with one
+//! bucket, killed on drop: moto's server (`pip install 'moto[server]'`)
+//! or s3s-fs (`cargo install s3s-fs --features binary`), a second,
+//! independent implementation that keeps the bucket as files in a
+//! directory. The tests read and write the bucket with signed requests
+//! (OpenDAL), which both accept; what only moto can do says so.
 
 use std::path::Path;
 use std::process::Command;
@@ -7,31 +11,78 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::net::{free_port, http_client, wait_http_ok};
+use super::net::{free_port, http_client, wait_http};
 use super::process::{ChildGuard, require_tool};
 
 pub const BUCKET: &str = "kura-test";
 pub const ACCESS_KEY: &str = "test-access";
 pub const SECRET_KEY: &str = "test-secret";
 
+/// Which S3 implementation serves the bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum S3Impl {
+    /// moto's server: everything in memory, anonymous requests accepted,
+    /// bucket policies and server-side encryption modelled.
+    Moto,
+    /// s3s-fs: objects are files under a directory, every request must be
+    /// signed with the access key, no bucket policies nor encryption
+    /// (`x-amz-server-side-encryption` is neither applied nor reported).
+    S3sFs,
+}
+
+impl S3Impl {
+    fn tool(self) -> &'static str {
+        match self {
+            S3Impl::Moto => "moto_server",
+            S3Impl::S3sFs => "s3s-fs",
+        }
+    }
+
+    /// The server's command line; s3s-fs keeps the bucket under `data`.
+    fn command(self, port: u16, data: &Path) -> Command {
+        let mut command = Command::new(require_tool(self.tool()));
+        let port = port.to_string();
+        match self {
+            S3Impl::Moto => command.args(["-H", "127.0.0.1", "-p", &port]),
+            S3Impl::S3sFs => command
+                .args(["--host", "127.0.0.1", "--port", &port])
+                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                .arg(data),
+        };
+        command
+    }
+}
+
 pub struct S3Server {
+    implementation: S3Impl,
     process: ChildGuard,
     port: u16,
     endpoint: String,
-    log_dir: TempDir,
+    /// Logs, and s3s-fs's data under `data/`.
+    dir: TempDir,
 }
 
 impl S3Server {
+    /// moto's server.
     pub async fn start() -> Self {
-        let log_dir = tempfile::tempdir().expect("temp dir");
+        Self::start_with(S3Impl::Moto).await
+    }
+
+    pub async fn start_with(implementation: S3Impl) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
-        let process = spawn_with_bucket(port, log_dir.path()).await;
+        let process = spawn_with_bucket(implementation, port, dir.path()).await;
         Self {
+            implementation,
             process,
             port,
             endpoint: format!("http://127.0.0.1:{port}"),
-            log_dir,
+            dir,
         }
+    }
+
+    pub fn implementation(&self) -> S3Impl {
+        self.implementation
     }
 
     /// Freezes the server (SIGSTOP): connections are accepted by the
@@ -44,10 +95,11 @@ impl S3Server {
         self.process.signal("CONT");
     }
 
-    /// After [`S3Server::kill`]: a new, empty server with the bucket on
-    /// the same port, as a bucket back from an outage (moto keeps nothing).
+    /// After [`S3Server::kill`]: the server again on the same port, as a
+    /// bucket back from an outage. moto comes back empty (with the bucket
+    /// created again); s3s-fs comes back with what it had stored.
     pub async fn restart(&mut self) {
-        self.process = spawn_with_bucket(self.port, self.log_dir.path()).await;
+        self.process = spawn_with_bucket(self.implementation, self.port, self.dir.path()).await;
     }
 
     pub fn endpoint(&self) -> &str {
@@ -65,20 +117,41 @@ impl S3Server {
         )
     }
 
-    /// Stores an object directly (moto accepts unsigned requests), as
-    /// another process writing to the bucket would.
+    /// The bucket as a client of our own sees it (signed requests, path
+    /// style, the whole bucket as its root).
+    fn bucket(&self) -> opendal::Operator {
+        // reqwest for OpenDAL is built without a TLS provider of its own;
+        // the server is plain HTTP, but the client wants one all the same.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest_s3::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client for the test bucket");
+        let transport = opendal_http_transport_reqwest::ReqwestTransport::new(client);
+        let builder = opendal::services::S3::default()
+            .bucket(BUCKET)
+            .region("us-east-1")
+            .endpoint(&self.endpoint)
+            .access_key_id(ACCESS_KEY)
+            .secret_access_key(SECRET_KEY)
+            .disable_config_load()
+            .disable_ec2_metadata();
+        opendal::Operator::new(builder)
+            .expect("an S3 client for the test bucket")
+            .with_context(
+                opendal::OperationContext::new()
+                    .with_http_transport(opendal::HttpTransporter::new(transport)),
+            )
+    }
+
+    /// Stores an object directly, as another process writing to the
+    /// bucket would.
     pub async fn put(&self, key: &str, body: &'static str) {
-        let stored = http_client(Duration::from_secs(10))
-            .put(format!("{}/{BUCKET}/{key}", self.endpoint))
-            .body(body)
-            .send()
+        self.bucket()
+            .write(key, body)
             .await
-            .expect("put object");
-        assert!(
-            stored.status().is_success(),
-            "put {key}: {}",
-            stored.status()
-        );
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
     }
 
     /// Waits (30 s at most, then panics) until every blob in `digests` is
@@ -105,37 +178,23 @@ impl S3Server {
         }
     }
 
-    /// Keys in the bucket under `prefix` (ListObjectsV2, following pages).
+    /// Keys in the bucket under `prefix` (listed, every page).
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
-        let client = http_client(Duration::from_secs(30));
-        let mut keys = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut url = format!("{}/{BUCKET}?list-type=2&prefix={prefix}", self.endpoint);
-            if let Some(token) = &token {
-                url.push_str(&format!("&continuation-token={token}"));
-            }
-            let body = client
-                .get(&url)
-                .send()
-                .await
-                .expect("list")
-                .text()
-                .await
-                .expect("list body");
-            keys.extend(xml_values(&body, "Key"));
-            token = xml_values(&body, "NextContinuationToken")
-                .into_iter()
-                .next();
-            if token.is_none() {
-                return keys;
-            }
-        }
+        self.bucket()
+            .list_with(prefix)
+            .recursive(true)
+            .await
+            .unwrap_or_else(|e| panic!("list {prefix}: {e}"))
+            .into_iter()
+            .filter(|entry| entry.metadata().is_file())
+            .map(|entry| entry.path().to_owned())
+            .collect()
     }
 
     /// Lets anyone read the bucket's objects (moto refuses anonymous
     /// reads otherwise), so a test can look at them unsigned. Moto checks a
-    /// HEAD as `s3:HeadObject`, an action AWS does not have.
+    /// HEAD as `s3:HeadObject`, an action AWS does not have. Moto only:
+    /// s3s-fs has no bucket policies.
     pub async fn allow_anonymous_reads(&self) {
         let policy = serde_json::json!({
             "Version": "2012-10-17",
@@ -158,7 +217,8 @@ impl S3Server {
 
     /// How an object is encrypted, as a HEAD reports it: the
     /// `x-amz-server-side-encryption` algorithm and the KMS key id, if any.
-    /// Needs [`S3Server::allow_anonymous_reads`].
+    /// Needs [`S3Server::allow_anonymous_reads`], so moto only (s3s-fs
+    /// does not encrypt).
     pub async fn encryption(&self, key: &str) -> (Option<String>, Option<String>) {
         let head = http_client(Duration::from_secs(10))
             .head(format!("{}/{BUCKET}/{key}", self.endpoint))
@@ -182,30 +242,44 @@ impl S3Server {
     }
 }
 
-async fn spawn_with_bucket(port: u16, log_dir: &Path) -> ChildGuard {
-    let mut command = Command::new(require_tool("moto_server"));
-    command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
-    let process = ChildGuard::spawn("moto_server", command, &log_dir.join("moto.log"));
-    let endpoint = format!("http://127.0.0.1:{port}");
-    wait_http_ok(&format!("{endpoint}/moto-api/"), Duration::from_secs(20)).await;
-    let created = http_client(Duration::from_secs(10))
-        .put(format!("{endpoint}/{BUCKET}"))
-        .send()
-        .await
-        .expect("create bucket");
-    assert!(
-        created.status().is_success(),
-        "create bucket: {}",
-        created.status()
+/// Starts `implementation` on `port` with the bucket [`BUCKET`], its log
+/// and (s3s-fs) its data in `dir`, and waits until it answers.
+async fn spawn_with_bucket(implementation: S3Impl, port: u16, dir: &Path) -> ChildGuard {
+    let data = dir.join("data");
+    if implementation == S3Impl::S3sFs {
+        // A bucket of s3s-fs is a directory under its root.
+        std::fs::create_dir_all(data.join(BUCKET)).expect("create the bucket directory");
+    }
+    let tool = implementation.tool();
+    let mut process = ChildGuard::spawn(
+        tool,
+        implementation.command(port, &data),
+        &dir.join(format!("{tool}.log")),
     );
+    let endpoint = format!("http://127.0.0.1:{port}");
+    // Any answer will do: s3s-fs refuses unsigned requests.
+    if let Err(e) = wait_http(
+        &endpoint,
+        Duration::from_secs(20),
+        |_| true,
+        || process.check_running(),
+    )
+    .await
+    {
+        panic!("{tool} did not start: {e}");
+    }
+    if implementation == S3Impl::Moto {
+        // Moto accepts an unsigned CreateBucket.
+        let created = http_client(Duration::from_secs(10))
+            .put(format!("{endpoint}/{BUCKET}"))
+            .send()
+            .await
+            .expect("create bucket");
+        assert!(
+            created.status().is_success(),
+            "create bucket: {}",
+            created.status()
+        );
+    }
     process
-}
-
-fn xml_values(body: &str, tag: &str) -> Vec<String> {
-    let open = format!("<{tag}>");
-    let close = format!("</{tag}>");
-    body.split(&open)
-        .skip(1)
-        .filter_map(|rest| rest.split_once(&close).map(|(value, _)| value.to_owned()))
-        .collect()
 }
