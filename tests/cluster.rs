@@ -315,18 +315,23 @@ async fn cold_blob_through_replicas_is_fetched_once(count: usize) {
     }
 }
 
+/// The peer endpoint of a replica for an image's first layer.
+fn peer_blob_url(kura: &Kura, image: &PushedImage) -> String {
+    format!(
+        "{}/kura/peer/blobs/proxy/{}/{}",
+        kura.url(),
+        image.repository,
+        image.layers[0].digest
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn peer_requests_without_the_cluster_secret_are_refused() {
     let s3 = S3Server::start().await;
     let upstream = Upstream::anonymous().await;
     let image = push(&upstream, "flight/secret", 1000, 4).await;
     let (a, _a) = replica(&s3, &upstream, "", &[]).await;
-    let url = format!(
-        "{}/kura/peer/blobs/proxy/{}/{}",
-        a.url(),
-        image.repository,
-        image.layers[0].digest
-    );
+    let url = peer_blob_url(&a, &image);
     let client = http_client(Duration::from_secs(30));
     for authorization in [None, Some("Bearer wrong-secret"), Some(SECRET)] {
         let mut request = client.get(&url);
@@ -432,12 +437,7 @@ async fn peer_requests_past_the_bound_get_503_and_a_stopped_replica_leaves_at_on
     let upstream = Upstream::anonymous().await;
     let image = push(&upstream, "flight/bounded", 32 << 20, 7).await;
     let (a, _a) = replica(&s3, &upstream, "  maxpeerrequests: 1\n", &[]).await;
-    let url = format!(
-        "{}/kura/peer/blobs/proxy/{}/{}",
-        a.url(),
-        image.repository,
-        image.layers[0].digest
-    );
+    let url = peer_blob_url(&a, &image);
     let client = http_client(Duration::from_secs(30));
     let peer_get = || client.get(&url).bearer_auth(SECRET).send();
 

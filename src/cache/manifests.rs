@@ -44,11 +44,7 @@ impl Cache {
         self.admit(name, tag)?;
         if let Some(tag) = tag
             && self.policy().is_immutable(tag.as_str())
-            && let Some(link) = self
-                .storage
-                .tag_link(name, tag)
-                .await
-                .map_err(storage_error)?
+            && let Some(link) = self.stored_tag_link(name, tag).await?
         {
             let pinned = Reference::Digest(link.digest);
             return self.resolve_manifest(name, &pinned).await;
@@ -101,11 +97,7 @@ impl Cache {
         name: &RepoName,
         tag: &Tag,
     ) -> Result<Manifest, ApiError> {
-        let link = self
-            .storage
-            .tag_link(name, tag)
-            .await
-            .map_err(storage_error)?;
+        let link = self.stored_tag_link(name, tag).await?;
         if let Some(link) = &link
             && self.is_fresh(link)
             && let Some(manifest) = self.cached_manifest(name, &link.digest).await?
@@ -113,6 +105,18 @@ impl Cache {
             return Ok(manifest);
         }
         self.revalidate_shared(name, tag, link).await
+    }
+
+    /// Where the storage says a tag points, as last resolved.
+    async fn stored_tag_link(
+        &self,
+        name: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<TagLink>, ApiError> {
+        self.storage
+            .tag_link(name, tag)
+            .await
+            .map_err(storage_error)
     }
 
     /// Asks the upstream where a tag points now, whatever its `tagttl`
@@ -124,11 +128,7 @@ impl Cache {
         name: &RepoName,
         tag: &Tag,
     ) -> Result<Manifest, ApiError> {
-        let link = self
-            .storage
-            .tag_link(name, tag)
-            .await
-            .map_err(storage_error)?;
+        let link = self.stored_tag_link(name, tag).await?;
         let manifest = self.revalidate_shared(name, tag, link).await?;
         self.storage.record_access(&manifest.digest);
         Ok(manifest)

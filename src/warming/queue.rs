@@ -471,6 +471,17 @@ mod tests {
         })
     }
 
+    /// A runner that counts its runs and fails each with `code`.
+    fn failing(runs: Arc<AtomicUsize>, code: ErrorCode, message: &'static str) -> Runner {
+        Arc::new(move |_job| {
+            let runs = runs.clone();
+            Box::pin(async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Err(ApiError::new(code, message).into())
+            })
+        })
+    }
+
     /// Waits (bounded) for the queue to empty, releasing gated runs.
     async fn settle(queue: &Queue, gate: &Notify) {
         for _ in 0..300 {
@@ -530,14 +541,7 @@ mod tests {
     #[tokio::test]
     async fn failures_are_retried_with_backoff_then_recorded_with_the_reason() {
         let runs = Arc::new(AtomicUsize::new(0));
-        let counted = runs.clone();
-        let run: Runner = Arc::new(move |_job| {
-            let runs = counted.clone();
-            Box::pin(async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Err(ApiError::new(ErrorCode::Unavailable, "upstream down").into())
-            })
-        });
+        let run = failing(runs.clone(), ErrorCode::Unavailable, "upstream down");
         let backoff = Duration::from_millis(200);
         let queue = Queue::start_with_backoff(WarmingLimits::default(), run, backoff);
         queue.submit(job("v1"));
@@ -568,14 +572,7 @@ mod tests {
     #[tokio::test]
     async fn an_unknown_manifest_on_the_schedule_is_not_retried() {
         let runs = Arc::new(AtomicUsize::new(0));
-        let counted = runs.clone();
-        let run: Runner = Arc::new(move |_job| {
-            let runs = counted.clone();
-            Box::pin(async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Err(ApiError::new(ErrorCode::ManifestUnknown, "gone").into())
-            })
-        });
+        let run = failing(runs.clone(), ErrorCode::ManifestUnknown, "gone");
         let queue = Queue::start(WarmingLimits::default(), run);
         queue.submit(Job {
             origin: Origin::Schedule,
