@@ -353,6 +353,11 @@ pub struct References {
     /// Those that are manifests themselves (index children and a
     /// referrer's `subject`): the only ones a collection reads.
     pub manifests: Vec<Digest>,
+    /// What the manifest holds: every descriptor but `subject`. A registry
+    /// checks these exist in the repository when the manifest is pushed;
+    /// a `subject` may name any digest (referrers may be pushed first), so
+    /// it proves nothing about what the repository holds.
+    pub held: Vec<Digest>,
 }
 
 /// The parts of a manifest that refer to content; everything else in it is
@@ -396,9 +401,15 @@ impl References {
             .chain(&found.manifests)
             .chain(&found.blobs)
             .collect();
+        let held: Vec<&Descriptor> = (found.config.iter())
+            .chain(&found.layers)
+            .chain(&found.manifests)
+            .chain(&found.blobs)
+            .collect();
         Self {
             all: digests(&all),
             manifests: digests(&manifests),
+            held: digests(&held),
         }
     }
 }
@@ -806,6 +817,7 @@ mod tests {
             vec![d('a'), d('e'), d('b'), d('c'), d('d')]
         );
         assert_eq!(strings(&found.manifests), vec![d('e'), d('c')]);
+        assert_eq!(strings(&found.held), vec![d('a'), d('b'), d('c'), d('d')]);
         assert!(References::of(b"not json").all.is_empty());
     }
 }

@@ -4,7 +4,10 @@
 //! sends); the default (`proxy:`) upstream.
 //!
 //! Kura never dials a host taken from client input: a registry name that is
-//! not configured is a 404 `NAME_UNKNOWN`.
+//! not configured is a 404 `NAME_UNKNOWN`. Beside named upstreams, a
+//! default-upstream name that starts with a registry is refused
+//! (`NAME_INVALID`): the default's storage has no namespace, so it would
+//! be a named upstream's repository.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -83,10 +86,7 @@ impl Registries {
     pub fn route<'a>(&self, name: &'a str, ns: Option<&str>) -> Result<Routed<'a>, ApiError> {
         if let Some(ns) = ns {
             if let Some(cache) = self.by_name.get(ns) {
-                return Ok(Routed {
-                    cache: cache.clone(),
-                    name,
-                });
+                return self.within(cache, name);
             }
             if self.strict {
                 return Err(not_configured(ns));
@@ -94,25 +94,44 @@ impl Registries {
         }
         if let Some((first, rest)) = name.split_once('/') {
             if let Some(cache) = self.by_name.get(first) {
-                return Ok(Routed {
-                    cache: cache.clone(),
-                    name: rest,
-                });
+                return self.within(cache, rest);
             }
             if self.strict && validate_registry_name(first).is_ok() {
                 return Err(not_configured(first));
             }
         }
         match &self.default {
-            Some(cache) => Ok(Routed {
-                cache: cache.clone(),
-                name,
-            }),
+            Some(cache) => self.within(cache, name),
             None => Err(ApiError::new(
                 ErrorCode::NameUnknown,
                 "no default upstream is configured: name the registry with ?ns= or a path prefix",
             )),
         }
+    }
+
+    /// `name` within `cache`. The default upstream's repositories are
+    /// stored without a namespace, so beside named upstreams one whose
+    /// first segment is a registry (`ghcr.io/org/app` through `?ns=docker.io`
+    /// or `/v2/docker.io/ghcr.io/...`) would be a named upstream's stored
+    /// repository, authorized and policed as the default's: refused.
+    fn within<'a>(&self, cache: &Arc<Cache>, name: &'a str) -> Result<Routed<'a>, ApiError> {
+        let is_default = self.default.as_ref().is_some_and(|d| Arc::ptr_eq(d, cache));
+        if is_default
+            && self.strict
+            && let Some((first, _)) = name.split_once('/')
+            && (self.by_name.contains_key(first) || validate_registry_name(first).is_ok())
+        {
+            return Err(ApiError::new(
+                ErrorCode::NameInvalid,
+                format!(
+                    "a repository of the default upstream cannot start with a registry name ({first:?})"
+                ),
+            ));
+        }
+        Ok(Routed {
+            cache: cache.clone(),
+            name,
+        })
     }
 }
 
@@ -187,6 +206,33 @@ mod tests {
         assert_eq!(
             label(registries.route("quay.io/x/y", None)),
             Err(ErrorCode::NameUnknown)
+        );
+    }
+
+    /// The default upstream's storage has no namespace: a name of it that
+    /// starts with a registry would read a named upstream's repositories.
+    #[test]
+    fn the_default_upstream_takes_no_name_that_starts_with_a_registry() {
+        let registries = Registries::new(
+            Some(cache(None, "https://registry-1.docker.io")),
+            vec![cache(Some("ghcr.io"), "https://ghcr.io")],
+        );
+        for (name, ns) in [
+            ("ghcr.io/org/app", Some("docker.io")),
+            ("docker.io/ghcr.io/org/app", None),
+            ("docker.io/quay.io/org/app", None),
+            ("docker.io/docker.io/library/alpine", None),
+        ] {
+            assert_eq!(
+                label(registries.route(name, ns)),
+                Err(ErrorCode::NameInvalid),
+                "{name} ns={ns:?}"
+            );
+        }
+        // Named upstreams keep theirs apart by namespace.
+        assert_eq!(
+            label(registries.route("ghcr.io/quay.io/app", None)),
+            Ok(("ghcr.io".to_owned(), "quay.io/app".to_owned()))
         );
     }
 

@@ -368,10 +368,21 @@ async fn access_rules_narrow_what_a_token_grants() {
     // The dashboard lists repositories: without a token (a browser has none) it shows nothing.
     let listing = ask(&kura.url(), "/kura/api/v1/repositories", None).await;
     assert_eq!(listing.status, 401, "{listing:?}");
+    // A token for one repository does not list them all: the listing needs what
+    // /v2/_catalog needs.
     let listing = ask(
         &kura.url(),
         "/kura/api/v1/repositories",
         Some(&token_for(USER)),
+    )
+    .await;
+    assert_eq!(listing.status, 401, "{listing:?}");
+    let catalog_token = TokenSpec::granting(USER, vec![access("registry", "catalog", &["*"])]);
+    let catalog_token = format!("Bearer {}", issuer.mint(&catalog_token));
+    let listing = ask(
+        &kura.url(),
+        "/kura/api/v1/repositories",
+        Some(&catalog_token),
     )
     .await;
     assert_eq!(listing.status, 200, "{listing:?}");

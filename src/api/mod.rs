@@ -436,10 +436,11 @@ async fn require_login(gate: Arc<Gate>, mut request: Request, next: Next) -> Res
     if path.starts_with("/v2") || matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return next.run(request).await;
     }
-    let identity = gate
-        .identify(request.headers())
-        .await
-        .and_then(|identity| gate.check_base(&identity).map(|()| identity));
+    let identity = gate.identify(request.headers()).await.and_then(|identity| {
+        gate.check_base(&identity)?;
+        gate.check_listing(request.headers())?;
+        Ok(identity)
+    });
     match identity {
         Ok(identity) => {
             request.extensions_mut().insert(identity);

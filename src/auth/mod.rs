@@ -46,7 +46,7 @@ use blob_scope::BlobScope;
 use groups::Groups;
 use htpasswd::Htpasswd;
 use rules::Rules;
-use token::TokenAuth;
+use token::{Scope, TokenAuth};
 use watched::WatchedFile;
 
 /// Who sent a request: plain data, whoever established it.
@@ -168,6 +168,24 @@ impl Gate {
         groups.sort();
         groups.dedup();
         Ok(Identity { user, groups })
+    }
+
+    /// For pages that list repositories (the dashboard, the warming
+    /// status): with `auth.token`, a token granting what `/v2/_catalog`
+    /// needs, `registry:catalog:*` (any valid token lets a client in, but
+    /// one that grants a single repository must not list them all). Rules
+    /// then narrow the listing as for anyone.
+    pub fn check_listing(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        token
+            .authorize(authorization, Some(&Scope::catalog()))
+            .map(drop)
+            .map_err(|_| unauthenticated())
     }
 
     /// `auth.token`'s checker, for the registry API's token gate.

@@ -26,6 +26,7 @@ impl Cache {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<Option<Vec<Digest>>, ApiError> {
+        self.admit(name, None)?;
         let manifests = self
             .storage
             .manifest_digests(name, MAX_SCANNED_MANIFESTS)
@@ -46,7 +47,9 @@ impl Cache {
                 continue;
             };
             budget -= bytes.len();
-            let mut held = References::of(&bytes).all;
+            // Not its `subject`: an artifact naming a digest learnt
+            // elsewhere as its subject must not open that blob here.
+            let mut held = References::of(&bytes).held;
             held.push(manifest);
             if held.contains(digest) {
                 return Ok(Some(held));
@@ -62,6 +65,8 @@ impl Cache {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<bool, ApiError> {
+        // The content policy first: a refused repository is not asked about.
+        self.admit(name, None)?;
         match self.upstream_blob_size(name, digest).await {
             Ok(_) => Ok(true),
             Err(e) if matches!(e.code, ErrorCode::BlobUnknown | ErrorCode::NameUnknown) => {
