@@ -162,8 +162,11 @@ impl Storage {
         Ok(StagedBlob {
             storage: self.clone(),
             path,
-            file: Some(file),
-            hash: Hashing::Idle(Sha256::new()),
+            writer: Some(Writer {
+                file,
+                hasher: Sha256::new(),
+            }),
+            digest: None,
             pending: Batch::default(),
             small: BytesMut::new(),
             received: 0,
@@ -213,9 +216,10 @@ impl Batch {
 pub struct StagedBlob {
     storage: Storage,
     path: PathBuf,
-    /// The staging file, moved into each blocking write.
-    file: Option<std::fs::File>,
-    hash: Hashing,
+    /// The staging file and the sha256 of what it holds, moved together
+    /// into each blocking write; gone once the digest is taken.
+    writer: Option<Writer>,
+    digest: Option<Digest>,
     /// Received, not yet written.
     pending: Batch,
     /// Small chunks being gathered into one part of `pending`.
@@ -225,46 +229,15 @@ pub struct StagedBlob {
     committed: bool,
 }
 
-/// The running sha256 of a download. Each written batch is hashed by one
-/// short task on the blocking pool while the next batch arrives; no task
-/// ever waits for another, so a burst of downloads can queue for blocking
-/// threads but never deadlock them.
-enum Hashing {
-    Idle(Sha256),
-    Busy(tokio::task::JoinHandle<Sha256>),
-    Done(Digest),
-}
-
-impl Hashing {
-    /// The hasher, once the batch before has been hashed.
-    async fn ready(&mut self) -> io::Result<Sha256> {
-        let idle = std::mem::replace(self, Hashing::Idle(Sha256::new()));
-        match idle {
-            Hashing::Idle(hasher) => Ok(hasher),
-            Hashing::Busy(task) => task.await.map_err(io::Error::other),
-            Hashing::Done(_) => Err(io::Error::other("blob already hashed")),
-        }
-    }
-
-    async fn feed(&mut self, batch: Batch) -> io::Result<()> {
-        let mut hasher = self.ready().await?;
-        *self = Hashing::Busy(tokio::task::spawn_blocking(move || {
-            for part in &batch.parts {
-                hasher.update(part);
-            }
-            hasher
-        }));
-        Ok(())
-    }
-
-    async fn digest(&mut self) -> io::Result<Digest> {
-        if let Hashing::Done(digest) = self {
-            return Ok(digest.clone());
-        }
-        let digest = Digest::from_sha256(self.ready().await?.finalize().as_slice());
-        *self = Hashing::Done(digest.clone());
-        Ok(digest)
-    }
+/// Where a download's batches go: each is hashed and written by one short
+/// task on the blocking pool, [`FILE_WRITE`] bytes at a time, each piece
+/// hashed right before it is written (the write then copies bytes the hash
+/// has just brought into the CPU's cache). No task waits for another, so a
+/// burst of downloads can queue for blocking threads but never deadlock
+/// them.
+struct Writer {
+    file: std::fs::File,
+    hasher: Sha256,
 }
 
 impl StagedBlob {
@@ -294,14 +267,14 @@ impl StagedBlob {
         if size == 0 {
             return Ok(true); // fallocate rejects an empty range
         }
-        let file = self.take_file()?;
-        let (file, outcome) = tokio::task::spawn_blocking(move || {
-            let outcome = fallocate(&file, FallocateFlags::empty(), 0, size);
-            (file, outcome)
+        let writer = self.take_writer()?;
+        let (writer, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = fallocate(&writer.file, FallocateFlags::empty(), 0, size);
+            (writer, outcome)
         })
         .await
         .map_err(io::Error::other)?;
-        self.file = Some(file);
+        self.writer = Some(writer);
         match outcome {
             Ok(()) => Ok(true),
             Err(Errno::NOSPC) => Ok(false),
@@ -311,10 +284,10 @@ impl StagedBlob {
         }
     }
 
-    fn take_file(&mut self) -> io::Result<std::fs::File> {
-        self.file
-            .take()
-            .ok_or_else(|| io::Error::other("staging file lost after a failed write"))
+    fn take_writer(&mut self) -> io::Result<Writer> {
+        self.writer.take().ok_or_else(|| {
+            io::Error::other("staging file lost after a failed write, or already hashed")
+        })
     }
 
     /// Accepts a chunk; it reaches the file with the next batch. Returns
@@ -345,7 +318,7 @@ impl StagedBlob {
         }
     }
 
-    /// Writes and hashes what is pending, off the async threads. Returns
+    /// Hashes and writes what is pending, off the async threads. Returns
     /// the batch written (it ends at [`StagedBlob::written`]), if any.
     pub async fn flush(&mut self) -> io::Result<Option<Batch>> {
         self.gather_small();
@@ -354,24 +327,29 @@ impl StagedBlob {
         }
         let batch = std::mem::take(&mut self.pending);
         let offset = self.received - batch.len as u64;
-        let file = self.take_file()?;
+        let mut writer = self.take_writer()?;
         let written = batch.clone();
-        let file = tokio::task::spawn_blocking(move || {
-            write_parts(&file, &written.parts, offset)?;
-            Ok::<_, io::Error>(file)
+        let writer = tokio::task::spawn_blocking(move || {
+            write_parts(&mut writer, &written.parts, offset)?;
+            Ok::<_, io::Error>(writer)
         })
         .await
         .map_err(io::Error::other)??;
-        self.file = Some(file);
-        self.hash.feed(batch.clone()).await?;
+        self.writer = Some(writer);
         Ok(Some(batch))
     }
 
     /// Writes what is pending and answers the digest of everything
     /// received; nothing more can be written after.
     pub async fn finish(&mut self) -> io::Result<Digest> {
+        if let Some(digest) = &self.digest {
+            return Ok(digest.clone());
+        }
         self.flush().await?;
-        self.hash.digest().await
+        let writer = self.take_writer()?;
+        let digest = Digest::from_sha256(writer.hasher.finalize().as_slice());
+        self.digest = Some(digest.clone());
+        Ok(digest)
     }
 
     /// Verifies the digest and commits the blob to content-addressed
@@ -395,40 +373,64 @@ impl StagedBlob {
     }
 }
 
-/// Writes `parts` to `file` at `offset`, [`FILE_WRITE`] bytes per call,
-/// straight from the chunks (no copy into one buffer first).
-fn write_parts(file: &std::fs::File, parts: &[Bytes], mut offset: u64) -> io::Result<()> {
-    // Where the bytes not yet written start: a part and a position in it.
+/// Hashes `parts` and writes them to the writer's file at `offset`,
+/// [`FILE_WRITE`] bytes per call, straight from the chunks (no copy into
+/// one buffer first).
+fn write_parts(writer: &mut Writer, parts: &[Bytes], mut offset: u64) -> io::Result<()> {
+    // Where the bytes not yet hashed and written start: a part and a
+    // position in it.
     let (mut part, mut within) = (0, 0);
     while part < parts.len() {
         let mut slices = Vec::new();
         let mut gathered = 0;
-        let (mut i, mut from) = (part, within);
-        while i < parts.len() && gathered < FILE_WRITE {
-            let take = (parts[i].len() - from).min(FILE_WRITE - gathered);
-            slices.push(io::IoSlice::new(&parts[i][from..from + take]));
+        while part < parts.len() && gathered < FILE_WRITE {
+            let take = (parts[part].len() - within).min(FILE_WRITE - gathered);
+            let slice = &parts[part][within..within + take];
+            writer.hasher.update(slice);
+            slices.push(slice);
             gathered += take;
-            (i, from) = if from + take == parts[i].len() {
-                (i + 1, 0)
-            } else {
-                (i, from + take)
-            };
+            within += take;
+            if within == parts[part].len() {
+                (part, within) = (part + 1, 0);
+            }
         }
-        let mut n = rustix::io::pwritev(file, &slices, offset)?;
+        write_all_at(&writer.file, &slices, offset)?;
+        offset += gathered as u64;
+    }
+    Ok(())
+}
+
+/// Writes `slices` in order at `offset`: one `pwritev`, more only after a
+/// short write.
+fn write_all_at(file: &std::fs::File, mut slices: &[&[u8]], mut offset: u64) -> io::Result<()> {
+    // How much of the first slice is already written.
+    let mut done = 0;
+    loop {
+        while let Some(first) = slices.first()
+            && done == first.len()
+        {
+            (slices, done) = (&slices[1..], 0);
+        }
+        let Some(first) = slices.first() else {
+            return Ok(());
+        };
+        let iov: Vec<io::IoSlice> = std::iter::once(&first[done..])
+            .chain(slices[1..].iter().copied())
+            .map(io::IoSlice::new)
+            .collect();
+        let mut n = rustix::io::pwritev(file, &iov, offset)?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         offset += n as u64;
         while n > 0 {
-            let step = (parts[part].len() - within).min(n);
-            n -= step;
-            within += step;
-            if within == parts[part].len() {
-                (part, within) = (part + 1, 0);
+            let step = (slices[0].len() - done).min(n);
+            (n, done) = (n - step, done + step);
+            if done == slices[0].len() {
+                (slices, done) = (&slices[1..], 0);
             }
         }
     }
-    Ok(())
 }
 
 impl Drop for StagedBlob {

@@ -5,12 +5,10 @@
 //! goes to the blocking pool.
 
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-use rustix::io::{Errno, ReadWriteFlags, preadv2};
 
 /// Bytes read (and handed to the connection) at a time: large enough to
 /// keep syscalls cheap, small enough that a stalled client holds little.
@@ -19,21 +17,20 @@ pub const CHUNK: usize = 256 * 1024;
 /// Up to `len` bytes at `pos`; fewer only where the file ends or the page
 /// cache holds fewer. An error if the file ends before `pos`.
 pub async fn read_chunk(file: &Arc<std::fs::File>, pos: u64, len: usize) -> io::Result<Bytes> {
-    let mut buf = BytesMut::zeroed(len);
-    let cached = preadv2(
-        file,
-        &mut [io::IoSliceMut::new(&mut buf)],
-        pos,
-        ReadWriteFlags::NOWAIT,
-    );
-    let n = match cached {
+    let mut buf = BytesMut::with_capacity(len);
+    let n = match read_into(file, &mut buf, len, pos, Some(libc::RWF_NOWAIT)) {
         Ok(n) => n,
         // Not in the page cache; or a filesystem, kernel or sandbox that
         // cannot tell (the plain read then says what is really wrong).
-        Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::INVAL | Errno::NOSYS) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+            ) =>
+        {
             let file = Arc::clone(file);
             let (read, n) = tokio::task::spawn_blocking(move || {
-                let n = file.read_at(&mut buf, pos)?;
+                let n = read_into(&file, &mut buf, len, pos, None)?;
                 Ok::<_, io::Error>((buf, n))
             })
             .await
@@ -41,7 +38,7 @@ pub async fn read_chunk(file: &Arc<std::fs::File>, pos: u64, len: usize) -> io::
             buf = read;
             n
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     if n == 0 {
         return Err(io::Error::new(
@@ -49,8 +46,46 @@ pub async fn read_chunk(file: &Arc<std::fs::File>, pos: u64, len: usize) -> io::
             "file shorter than expected",
         ));
     }
-    buf.truncate(n);
     Ok(buf.freeze())
+}
+
+/// One read of at most `len` bytes at `pos` into `buf`'s spare capacity,
+/// which the kernel fills without it being zeroed first (a memset of
+/// every chunk otherwise); `buf` (empty before) then holds the bytes
+/// read. `preadv2` with `flags` (`RWF_NOWAIT`), or a plain `pread`
+/// without, which every kernel and sandbox has.
+fn read_into(
+    file: &std::fs::File,
+    buf: &mut BytesMut,
+    len: usize,
+    pos: u64,
+    flags: Option<i32>,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    buf.clear();
+    buf.reserve(len);
+    let into = buf.spare_capacity_mut().as_mut_ptr().cast();
+    let offset = libc::off_t::try_from(pos).map_err(io::Error::other)?;
+    // SAFETY: `into` is `len` bytes of `buf`'s spare capacity (reserved
+    // above), writable while `buf` is borrowed here; the kernel writes at
+    // most that many.
+    let n = unsafe {
+        match flags {
+            Some(flags) => {
+                let iov = libc::iovec {
+                    iov_base: into,
+                    iov_len: len,
+                };
+                libc::preadv2(file.as_raw_fd(), &iov, 1, offset, flags)
+            }
+            None => libc::pread(file.as_raw_fd(), into, len, offset),
+        }
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    // SAFETY: the kernel initialized the first `n` bytes of the spare
+    // capacity.
+    unsafe { buf.set_len(n) };
+    Ok(n)
 }
 
 /// Bytes `start..end` of a file, [`CHUNK`] at a time.
