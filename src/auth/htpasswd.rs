@@ -2,19 +2,34 @@
 //! them. The file is re-read when it changes ([`WatchedFile`]); successful
 //! checks are remembered per credential (until the file changes) so
 //! bcrypt's deliberate slowness is paid once, not on every blob request.
+//!
+//! Wrong passwords are bounded too, since a client with a stale password
+//! retries in a loop and a flood of them must not occupy the blocking pool
+//! that downloads write and hash on: at most [`CONCURRENT_CHECKS`] bcrypt
+//! checks run at once (the rest wait on the async side, each holding only
+//! its connection), and the last [`MAX_REFUSED`] refused credentials are
+//! refused again without bcrypt.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use sha2::{Digest as _, Sha256};
+use tokio::sync::Semaphore;
 
 use super::watched::WatchedFile;
 use crate::config::HtpasswdConfig;
 
+/// bcrypt checks running at once (each is a blocking thread at full CPU
+/// for tens of milliseconds).
+pub const CONCURRENT_CHECKS: usize = 2;
+/// Refused credentials remembered per file version (their sha256 only).
+pub const MAX_REFUSED: usize = 1024;
+
 pub struct Htpasswd {
     pub realm: String,
     file: WatchedFile<Entries>,
+    checks: Semaphore,
 }
 
 /// One version of the file.
@@ -24,6 +39,9 @@ struct Entries {
     /// sha256 of `user:password` pairs that verified against `hashes`: only
     /// valid credentials get in, so this is bounded by the users' passwords.
     verified: Mutex<HashSet<[u8; 32]>>,
+    /// sha256 of `user:password` pairs refused by bcrypt, at most
+    /// [`MAX_REFUSED`] (emptied when full).
+    refused: Mutex<HashSet<[u8; 32]>>,
 }
 
 impl Htpasswd {
@@ -32,6 +50,7 @@ impl Htpasswd {
         Ok(Self {
             realm: config.realm.clone(),
             file: WatchedFile::load(&config.path, "htpasswd", parse_entries)?,
+            checks: Semaphore::new(CONCURRENT_CHECKS),
         })
     }
 
@@ -42,7 +61,13 @@ impl Htpasswd {
         if entries.verified().contains(&fingerprint) {
             return true;
         }
+        if entries.refused().contains(&fingerprint) {
+            return false;
+        }
         let Some(hash) = entries.hashes.get(user).cloned() else {
+            return false;
+        };
+        let Ok(_check) = self.checks.acquire().await else {
             return false;
         };
         let password = password.to_owned();
@@ -52,14 +77,24 @@ impl Htpasswd {
                 .unwrap_or(false);
         if ok {
             entries.verified().insert(fingerprint);
+        } else {
+            let mut refused = entries.refused();
+            if refused.len() >= MAX_REFUSED {
+                refused.clear();
+            }
+            refused.insert(fingerprint);
         }
         ok
     }
 }
 
 impl Entries {
-    fn verified(&self) -> std::sync::MutexGuard<'_, HashSet<[u8; 32]>> {
+    fn verified(&self) -> MutexGuard<'_, HashSet<[u8; 32]>> {
         self.verified.lock().expect("htpasswd lock")
+    }
+
+    fn refused(&self) -> MutexGuard<'_, HashSet<[u8; 32]>> {
+        self.refused.lock().expect("htpasswd lock")
     }
 }
 
@@ -85,6 +120,7 @@ fn parse_entries(text: &str) -> Result<Entries, String> {
     Ok(Entries {
         hashes,
         verified: Mutex::default(),
+        refused: Mutex::default(),
     })
 }
 
@@ -117,5 +153,31 @@ mod tests {
             "old password dropped"
         );
         assert!(htpasswd.verify("alice", "changed").await);
+    }
+
+    #[tokio::test]
+    async fn wrong_passwords_are_remembered_within_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("htpasswd");
+        let hash = bcrypt::hash("right", 4).unwrap();
+        std::fs::write(&path, format!("alice:{hash}\n")).unwrap();
+        let htpasswd = Htpasswd::load(&HtpasswdConfig {
+            realm: "r".into(),
+            path,
+        })
+        .unwrap();
+        assert!(!htpasswd.verify("alice", "stale").await);
+        assert!(htpasswd.file.current().refused().len() == 1);
+        // A flood of distinct wrong passwords, checked at most
+        // CONCURRENT_CHECKS at a time, leaves the memory at its bound.
+        let attempts = (0..MAX_REFUSED + 10).map(|i| {
+            let htpasswd = &htpasswd;
+            async move { htpasswd.verify("alice", &format!("wrong-{i}")).await }
+        });
+        let answers = futures_util::future::join_all(attempts).await;
+        assert!(answers.iter().all(|ok| !ok));
+        assert!(htpasswd.file.current().refused().len() <= MAX_REFUSED);
+        assert_eq!(htpasswd.checks.available_permits(), CONCURRENT_CHECKS);
+        assert!(htpasswd.verify("alice", "right").await);
     }
 }
