@@ -109,6 +109,23 @@ impl Registries {
         }
     }
 
+    /// The repository name a client token must grant for `name` asked
+    /// with `ns`: the name as sent, except that a request `?ns=` routes to
+    /// a named upstream is named as its path-prefixed twin
+    /// (`ghcr.io/org/app`), so a token for the default upstream's `org/app`
+    /// does not open another registry's.
+    pub fn token_name(&self, name: &str, ns: Option<&str>) -> String {
+        let named = ns.and_then(|ns| {
+            let cache = self.by_name.get(ns)?;
+            let is_default = self.default.as_ref().is_some_and(|d| Arc::ptr_eq(d, cache));
+            (!is_default).then_some(ns)
+        });
+        match named {
+            Some(ns) => format!("{ns}/{name}"),
+            None => name.to_owned(),
+        }
+    }
+
     /// `name` within `cache`. The default upstream's repositories are
     /// stored without a namespace, so beside named upstreams one whose
     /// first segment is a registry (`ghcr.io/org/app` through `?ns=docker.io`
@@ -206,6 +223,30 @@ mod tests {
         assert_eq!(
             label(registries.route("quay.io/x/y", None)),
             Err(ErrorCode::NameUnknown)
+        );
+    }
+
+    #[test]
+    fn tokens_name_ns_routed_repositories_as_their_path_prefixed_twins() {
+        let registries = Registries::new(
+            Some(cache(None, "https://registry-1.docker.io")),
+            vec![cache(Some("ghcr.io"), "https://ghcr.io")],
+        );
+        assert_eq!(
+            registries.token_name("org/app", Some("ghcr.io")),
+            "ghcr.io/org/app"
+        );
+        assert_eq!(
+            registries.token_name("ghcr.io/org/app", None),
+            "ghcr.io/org/app"
+        );
+        assert_eq!(
+            registries.token_name("library/alpine", Some("docker.io")),
+            "library/alpine"
+        );
+        assert_eq!(
+            registries.token_name("library/alpine", None),
+            "library/alpine"
         );
     }
 

@@ -117,7 +117,7 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     // Only the head is read (the API takes no bodies), and unlike the
     // request it can be held across awaits.
     let (head, _) = request.into_parts();
-    if let Some(refusal) = token_refusal(&state.gate, &head) {
+    if let Some(refusal) = token_refusal(&state.gate, &state.registries, &head) {
         return refusal;
     }
     let response = match state.gate.identify(&head.headers).await {
@@ -133,9 +133,12 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
 /// `error="invalid_token"` or `"insufficient_scope"` when a token was
 /// sent, and the access asked for as `detail`. Access rules then apply to
 /// what passes.
-fn token_refusal(gate: &Gate, head: &Parts) -> Option<Response> {
+fn token_refusal(gate: &Gate, registries: &Registries, head: &Parts) -> Option<Response> {
     let token = gate.token()?;
-    let needed = required_scope(head.uri.path());
+    let ns = namespace_param(head.uri.query().unwrap_or(""));
+    let needed = required_scope(head.uri.path(), |name| {
+        registries.token_name(name, ns.as_deref())
+    });
     let authorization = head.headers.get(header::AUTHORIZATION);
     let rejection = token
         .authorize(authorization.map(HeaderValue::as_bytes), needed.as_ref())
@@ -160,16 +163,16 @@ fn token_refusal(gate: &Gate, head: &Parts) -> Option<Response> {
 }
 
 /// What a token must grant for a path, as Distribution asks: pull on the
-/// repository (named as the client sent it) for its content, tags and
-/// referrers; `registry:catalog:*` for the catalog; any valid token for
-/// the rest.
-fn required_scope(path: &str) -> Option<Scope> {
+/// repository (named as the client sent it, or as `token_name` names an
+/// `?ns=`-routed one) for its content, tags and referrers;
+/// `registry:catalog:*` for the catalog; any valid token for the rest.
+fn required_scope(path: &str, token_name: impl Fn(&str) -> String) -> Option<Scope> {
     match route::parse(path)? {
         Route::Catalog => Some(Scope::catalog()),
         Route::Tags { name }
         | Route::Manifest { name, .. }
         | Route::Blob { name, .. }
-        | Route::Referrers { name, .. } => Some(Scope::pull(name)),
+        | Route::Referrers { name, .. } => Some(Scope::pull(&token_name(name))),
         Route::Base | Route::Upload => None,
     }
 }
