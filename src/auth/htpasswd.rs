@@ -126,19 +126,29 @@ fn parse_entries(text: &str) -> Result<Entries, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use tempfile::TempDir;
+
     use super::*;
 
-    #[tokio::test]
-    async fn checks_bcrypt_entries_and_reloads_on_change() {
+    /// An htpasswd file with alice's bcrypt entry, then `more` lines.
+    fn alice_with_password(password: &str, more: &str) -> (Htpasswd, PathBuf, TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("htpasswd");
-        let hash = bcrypt::hash("right", 4).unwrap();
-        std::fs::write(&path, format!("alice:{hash}\nbob:{{SHA}}plain\n")).unwrap();
+        let hash = bcrypt::hash(password, 4).unwrap();
+        std::fs::write(&path, format!("alice:{hash}\n{more}")).unwrap();
         let htpasswd = Htpasswd::load(&HtpasswdConfig {
             realm: "r".into(),
             path: path.clone(),
         })
         .unwrap();
+        (htpasswd, path, dir)
+    }
+
+    #[tokio::test]
+    async fn checks_bcrypt_entries_and_reloads_on_change() {
+        let (htpasswd, path, _dir) = alice_with_password("right", "bob:{SHA}plain\n");
         assert!(htpasswd.verify("alice", "right").await);
         assert!(htpasswd.verify("alice", "right").await, "cached");
         assert!(!htpasswd.verify("alice", "wrong").await);
@@ -157,15 +167,7 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_passwords_are_remembered_within_a_bound() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("htpasswd");
-        let hash = bcrypt::hash("right", 4).unwrap();
-        std::fs::write(&path, format!("alice:{hash}\n")).unwrap();
-        let htpasswd = Htpasswd::load(&HtpasswdConfig {
-            realm: "r".into(),
-            path,
-        })
-        .unwrap();
+        let (htpasswd, _path, _dir) = alice_with_password("right", "");
         assert!(!htpasswd.verify("alice", "stale").await);
         assert!(htpasswd.file.current().refused().len() == 1);
         // A flood of distinct wrong passwords, checked at most
