@@ -310,6 +310,20 @@ async fn users_pull_what_rules_grant_and_nothing_else() {
         .await;
     assert_eq!(next.body["repositories"], serde_json::json!([secret]));
 
+    // The dashboard's view of a named upstream's repository reads the
+    // repository it authorized: bob sees the tag and its digest, alice
+    // does not learn it exists.
+    let detail = format!("/kura/api/v1/repositories/{secret}");
+    let answer = setup.get(&detail, Some(BOB)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    assert_eq!(answer.body["tags"][0]["tag"], "latest");
+    assert_eq!(
+        answer.body["tags"][0]["digest"],
+        setup.secret.digest.as_str()
+    );
+    let answer = setup.get(&detail, Some(ALICE)).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+
     // A blob is served only under a repository that holds it: busybox's
     // layer, stored since alice pulled it, is unknown in alpine.
     let foreign = &setup.busybox.layers[0].digest;

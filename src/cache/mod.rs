@@ -118,6 +118,12 @@ impl Cache {
         self.upstream.label()
     }
 
+    /// The storage view this upstream's repositories live in (namespaced
+    /// for a named upstream): for read-only views of what is cached.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
     /// The repository as access rules name it, `<registry>/<repository>`
     /// (see [`Upstream::rule_name`]).
     pub fn rule_name(&self, name: &RepoName) -> String {

@@ -29,7 +29,6 @@ use crate::api::error::{ApiError, ErrorCode};
 use crate::auth::Identity;
 use crate::cache::Cache;
 use crate::cache::download::DownloadStatus;
-use crate::config::validate_registry_name;
 use crate::metrics::{
     LookupLabels, Metrics, SourceLabels, UpstreamLabels, UpstreamMethodLabels, metrics,
 };
@@ -261,17 +260,14 @@ pub(super) async fn repository(
     }
 }
 
-/// The storage view and name that hold `name` as the catalog lists it:
-/// a named upstream's repositories start with its registry name, which
-/// may carry a port (no valid repository name component does).
+/// The storage view and name that hold `name` as the catalog lists it,
+/// routed as a `/v2/` request for it (and as `may_see` authorized it):
+/// the name read is the name authorized.
 fn locate(d: &Dashboard, name: &str) -> Result<(Storage, RepoName), ApiError> {
-    if let Some(repo) = RepoName::parse(name) {
-        return Ok((d.storage.clone(), repo));
-    }
-    name.split_once('/')
-        .filter(|(registry, _)| validate_registry_name(registry).is_ok())
-        .and_then(|(registry, rest)| Some((d.storage.namespaced(registry), RepoName::parse(rest)?)))
-        .ok_or_else(|| ApiError::new(ErrorCode::NameInvalid, "invalid repository name"))
+    let routed = d.registries.route(name, None)?;
+    let repo = RepoName::parse(routed.name)
+        .ok_or_else(|| ApiError::new(ErrorCode::NameInvalid, "invalid repository name"))?;
+    Ok((routed.cache.storage().clone(), repo))
 }
 
 async fn tags(d: &Dashboard, name: &str, raw: Option<&str>) -> Result<Response, ApiError> {
