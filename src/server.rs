@@ -77,23 +77,24 @@ pub async fn run(config: Config, source: Option<ConfigSource>) -> anyhow::Result
         history,
         gate: gate.clone(),
     });
+    // Beside the registry API, outside its login: push events carry their
+    // own secret (events.secret), peers the cluster secret.
+    let own_secret = match &cluster {
+        Some(cluster) => warming
+            .event_routes()
+            .merge(peer_routes(registries.clone(), cluster.clone())),
+        None => warming.event_routes(),
+    };
     let app = router(
         registries.clone(),
         storage.clone(),
         ApiOptions {
             access_log: config.log.access_log,
             pages: dashboard::routes(dashboard).merge(warming.status_routes(gate.clone())),
+            own_secret,
             gate,
         },
-    )
-    // Beside the registry API, outside its login: push events carry their
-    // own secret (events.secret).
-    .merge(warming.event_routes());
-    // Beside the API too: peers authenticate with the cluster secret.
-    let app = match &cluster {
-        Some(cluster) => app.merge(peer_routes(registries.clone(), cluster.clone())),
-        None => app,
-    };
+    );
     let handle = Handle::new();
     if let Some(addr) = &config.http.debug_addr {
         let listener = bind("http.debug.addr", addr)?;

@@ -166,6 +166,16 @@ async fn events_with_a_wrong_secret_are_refused_and_fetch_nothing() {
     assert_eq!(upstream.count_requests("GET", "/manifests/"), 0);
     assert_eq!(upstream.count_requests("GET", "/blobs/"), 0);
     assert_eq!(status(&kura).await["recent"], json!([]));
+    // Refused deliveries are counted and logged like any request, and the
+    // secrets they carried are not.
+    assert!(
+        kura.metrics_text()
+            .await
+            .contains("route=\"events\",method=\"other\",status=\"401\"")
+    );
+    let log = kura.log_text();
+    assert!(log.contains("/kura/events/proxy"));
+    assert!(!log.contains("not-the-secret") && !log.contains(SECRET));
 }
 
 /// One Distribution envelope announcing a push of `repository:tag`.

@@ -71,6 +71,9 @@ pub struct ApiOptions {
     /// behind the same login; their handlers find the client's
     /// [`Identity`] in the request's extensions.
     pub pages: Router,
+    /// Routes outside the login that check a secret of their own (push
+    /// events, peer replicas): observed and access-logged like the rest.
+    pub own_secret: Router,
 }
 
 /// The registry API plus the pages, `/metrics`, `/healthz` and `/readyz`.
@@ -88,6 +91,7 @@ pub fn router(registries: Arc<Registries>, storage: Storage, options: ApiOptions
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             require_login(gate.clone(), request, next)
         }))
+        .merge(options.own_secret)
         .layer(middleware::from_fn(add_api_version))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             observe(access_log, request, next)
@@ -424,6 +428,8 @@ fn route_label(path: &str) -> &'static str {
             "/metrics" => "metrics",
             "/healthz" | "/readyz" => "health",
             "/" => "dashboard",
+            _ if path.starts_with("/kura/events/") => "events",
+            _ if path.starts_with("/kura/peer/") => "peer",
             _ if path.starts_with("/kura/") => "dashboard",
             _ => "other",
         },
