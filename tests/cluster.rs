@@ -313,6 +313,28 @@ async fn cold_blob_through_replicas_is_fetched_once(count: usize) {
             kura.url()
         );
     }
+    // And the bucket got it from the owner alone: the others waited for
+    // its upload instead of sending their own.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let others: Vec<&&Kura> = replicas
+        .iter()
+        .filter(|kura| kura.url() != owner.url())
+        .collect();
+    while !others
+        .iter()
+        .all(|kura| kura.log_text().contains("blob stored by its owner replica"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a replica uploaded the owner's blob itself"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !owner
+            .log_text()
+            .contains("blob stored by its owner replica")
+    );
 }
 
 /// The peer endpoint of a replica for an image's first layer.

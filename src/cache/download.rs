@@ -449,6 +449,9 @@ impl Cache {
         }
         let batch = staged.flush().await.map_err(storage_failed)?;
         publish(progress, staged, batch);
+        if source.from_peer {
+            staged.came_from_owner();
+        }
         Ok(())
     }
 

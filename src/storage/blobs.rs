@@ -171,6 +171,7 @@ impl Storage {
             small: BytesMut::new(),
             received: 0,
             committed: false,
+            from_owner: false,
         })
     }
 }
@@ -227,6 +228,8 @@ pub struct StagedBlob {
     received: u64,
     /// Renamed or uploaded: nothing left to remove.
     committed: bool,
+    /// Every byte came from the blob's owner replica, which stores it too.
+    from_owner: bool,
 }
 
 /// Where a download's batches go: each is hashed and written by one short
@@ -365,11 +368,19 @@ impl StagedBlob {
         // Whatever becomes of it now, the commit owns the file: a failed
         // rename or upload removes it itself.
         self.committed = true;
-        self.storage
-            .objects
-            .commit_file(&self.path, &blob_key(expected))
-            .await?;
+        let (objects, key) = (&self.storage.objects, blob_key(expected));
+        match self.from_owner {
+            true => objects.commit_file_after_owner(&self.path, &key).await?,
+            false => objects.commit_file(&self.path, &key).await?,
+        }
         Ok(())
+    }
+
+    /// Marks every byte as the owner replica's, which stores the blob in
+    /// the shared bucket itself: the commit then waits for that copy
+    /// rather than uploading another.
+    pub fn came_from_owner(&mut self) {
+        self.from_owner = true;
     }
 }
 

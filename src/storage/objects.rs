@@ -305,6 +305,25 @@ impl Objects {
         }
     }
 
+    /// [`Self::commit_file`] for a blob another replica, its owner,
+    /// fetched from the upstream and streamed here, and is uploading
+    /// itself: on S3, this replica waits (at most [`OWNER_UPLOAD_WAIT`],
+    /// its staging file serving meanwhile) for the owner's copy to land and
+    /// uploads its own only if none does, so a rollout stores each blob
+    /// once, not once per replica.
+    pub async fn commit_file_after_owner(&self, local: &Path, key: &str) -> io::Result<()> {
+        let Objects::S3 { op, .. } = self else {
+            return self.commit_file(local, key).await;
+        };
+        // Removed however this ends, cancellation included.
+        let _staging = RemoveOnDrop(local);
+        if landed_within(op, key, OWNER_UPLOAD_WAIT).await {
+            tracing::info!(key, "blob stored by its owner replica; not uploaded here");
+            return Ok(());
+        }
+        upload_with_retries(op, local, key).await
+    }
+
     /// Sets a file's mtime (last use). Objects cannot be touched; the S3
     /// backend keeps access times elsewhere.
     pub async fn touch(&self, key: &str, time: SystemTime) {
@@ -395,6 +414,28 @@ async fn upload_with_retries(op: &Operator, local: &Path, key: &str) -> io::Resu
         attempt += 1;
     }
 }
+
+/// How long a replica that got a blob from its owner replica waits for
+/// the owner's upload before uploading its own copy (the owner died, or its
+/// bucket is failing): about what a multi-GiB upload takes.
+pub const OWNER_UPLOAD_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether `key` exists in the bucket within `wait`, asked once a second
+/// (a `HEAD` each; a multipart upload appears whole when it completes).
+async fn landed_within(op: &Operator, key: &str, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if matches!(op.exists(key).await, Ok(true)) {
+            return true;
+        }
+        if tokio::time::Instant::now() + OWNER_UPLOAD_POLL > deadline {
+            return false;
+        }
+        tokio::time::sleep(OWNER_UPLOAD_POLL).await;
+    }
+}
+
+const OWNER_UPLOAD_POLL: Duration = Duration::from_secs(1);
 
 /// Removes a staging file when dropped.
 struct RemoveOnDrop<'a>(&'a Path);
