@@ -232,22 +232,14 @@ mod tests {
             Some(cache(None, "https://registry-1.docker.io")),
             vec![cache(Some("ghcr.io"), "https://ghcr.io")],
         );
-        assert_eq!(
-            registries.token_name("org/app", Some("ghcr.io")),
-            "ghcr.io/org/app"
-        );
-        assert_eq!(
-            registries.token_name("ghcr.io/org/app", None),
-            "ghcr.io/org/app"
-        );
-        assert_eq!(
-            registries.token_name("library/alpine", Some("docker.io")),
-            "library/alpine"
-        );
-        assert_eq!(
-            registries.token_name("library/alpine", None),
-            "library/alpine"
-        );
+        for (name, ns, scoped) in [
+            ("org/app", Some("ghcr.io"), "ghcr.io/org/app"),
+            ("ghcr.io/org/app", None, "ghcr.io/org/app"),
+            ("library/alpine", Some("docker.io"), "library/alpine"),
+            ("library/alpine", None, "library/alpine"),
+        ] {
+            assert_eq!(registries.token_name(name, ns), scoped, "{name} ns={ns:?}");
+        }
     }
 
     /// The default upstream's storage has no namespace: a name of it that
