@@ -447,7 +447,7 @@ fn varied_bytes(len: u32) -> Vec<u8> {
 
 /// A layer large enough that its upload takes a while (several parts).
 async fn large_image(upstream: &Upstream, repository: &str) -> support::PushedImage {
-    one_layer_image(upstream, repository, varied_bytes(64 << 20)).await
+    one_layer_image(upstream, repository, varied_bytes(256 << 20)).await
 }
 
 /// An image of one layer holding `data`, pushed as `<repository>:latest`.
