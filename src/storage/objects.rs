@@ -422,11 +422,15 @@ pub const OWNER_UPLOAD_WAIT: Duration = Duration::from_secs(60);
 
 /// Whether `key` exists in the bucket within `wait`, asked once a second
 /// (a `HEAD` each; a multipart upload appears whole when it completes).
+/// A failing bucket ends the wait at once: the owner's upload fails too,
+/// and this replica's own upload, with its retries, is what may still land.
 async fn landed_within(op: &Operator, key: &str, wait: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        if matches!(op.exists(key).await, Ok(true)) {
-            return true;
+        match op.exists(key).await {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(_) => return false,
         }
         if tokio::time::Instant::now() + OWNER_UPLOAD_POLL > deadline {
             return false;
