@@ -41,15 +41,29 @@ impl Cache {
             Reference::Tag(tag) => Some(tag),
             Reference::Digest(_) => None,
         };
+        if let Some(pinned) = self.admitted(name, tag).await? {
+            return Ok(pinned);
+        }
+        self.resolve_manifest(name, reference).await
+    }
+
+    /// The content policy's word before any manifest is fetched or served:
+    /// refused, or (an immutable tag resolved before) its cached digest's
+    /// manifest, never revalidated; `None` to go on.
+    async fn admitted(
+        self: &Arc<Self>,
+        name: &RepoName,
+        tag: Option<&Tag>,
+    ) -> Result<Option<Manifest>, ApiError> {
         self.admit(name, tag)?;
         if let Some(tag) = tag
             && self.policy().is_immutable(tag.as_str())
             && let Some(link) = self.stored_tag_link(name, tag).await?
         {
             let pinned = Reference::Digest(link.digest);
-            return self.resolve_manifest(name, &pinned).await;
+            return self.resolve_manifest(name, &pinned).await.map(Some);
         }
-        self.resolve_manifest(name, reference).await
+        Ok(None)
     }
 
     /// A manifest by digest or by tag (fresh, revalidated or stale), with
@@ -122,12 +136,16 @@ impl Cache {
     /// Asks the upstream where a tag points now, whatever its `tagttl`
     /// freshness: for warming, which was told (by a push event or its
     /// schedule) that the tag may have moved. A HEAD, then a GET only if
-    /// the digest is not cached.
+    /// the digest is not cached. The content policy applies as to clients:
+    /// a refused tag is not fetched, an immutable one not moved.
     pub async fn manifest_revalidated(
         self: &Arc<Self>,
         name: &RepoName,
         tag: &Tag,
     ) -> Result<Manifest, ApiError> {
+        if let Some(pinned) = self.admitted(name, Some(tag)).await? {
+            return Ok(pinned);
+        }
         let link = self.stored_tag_link(name, tag).await?;
         let manifest = self.revalidate_shared(name, tag, link).await?;
         self.storage.record_access(&manifest.digest);
