@@ -70,6 +70,14 @@ impl Htpasswd {
         let Ok(_check) = self.checks.acquire().await else {
             return false;
         };
+        // Parallel requests with one credential (a client pulling layers
+        // at once) queue here: the first check settles the others.
+        if entries.verified().contains(&fingerprint) {
+            return true;
+        }
+        if entries.refused().contains(&fingerprint) {
+            return false;
+        }
         let password = password.to_owned();
         let ok =
             tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
