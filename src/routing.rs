@@ -117,13 +117,16 @@ impl Registries {
     pub fn token_name(&self, name: &str, ns: Option<&str>) -> String {
         let named = ns.and_then(|ns| {
             let cache = self.by_name.get(ns)?;
-            let is_default = self.default.as_ref().is_some_and(|d| Arc::ptr_eq(d, cache));
-            (!is_default).then_some(ns)
+            (!self.is_default(cache)).then_some(ns)
         });
         match named {
             Some(ns) => format!("{ns}/{name}"),
             None => name.to_owned(),
         }
+    }
+
+    fn is_default(&self, cache: &Arc<Cache>) -> bool {
+        self.default.as_ref().is_some_and(|d| Arc::ptr_eq(d, cache))
     }
 
     /// `name` within `cache`. The default upstream's repositories are
@@ -132,8 +135,7 @@ impl Registries {
     /// or `/v2/docker.io/ghcr.io/...`) would be a named upstream's stored
     /// repository, authorized and policed as the default's: refused.
     fn within<'a>(&self, cache: &Arc<Cache>, name: &'a str) -> Result<Routed<'a>, ApiError> {
-        let is_default = self.default.as_ref().is_some_and(|d| Arc::ptr_eq(d, cache));
-        if is_default
+        if self.is_default(cache)
             && self.strict
             && let Some((first, _)) = name.split_once('/')
             && (self.by_name.contains_key(first) || validate_registry_name(first).is_ok())

@@ -9,7 +9,7 @@
 //!   `auth.token` ([`token`]) instead, a valid Bearer token is required and
 //!   its subject is the user, with the groups of its groups claim and of
 //!   the groups file; the token's own `access` claim is enforced before
-//!   the gate, as Distribution enforces it (`api::require_token`), so
+//!   the gate, as Distribution enforces it (`api::token_refusal`), so
 //!   access rules can only narrow what a token grants.
 //! - Authorization is decided in [`Gate::may_pull`], for a repository
 //!   named `<registry>/<repository>` as the access rules name it
@@ -238,6 +238,14 @@ impl Gate {
                 "requested access to the resource is denied",
             )),
         }
+    }
+
+    /// [`Self::may_pull`] for a repository of `cache` named as the
+    /// upstream's own (`team/app`), as views beside the API (downloads in
+    /// flight, warming jobs) hold it; an invalid name is nobody's.
+    pub fn may_pull_in(&self, identity: &Identity, cache: &Cache, repository: &str) -> bool {
+        RepoName::parse(repository)
+            .is_some_and(|repo| self.may_pull(identity, &cache.rule_name(&repo)))
     }
 
     /// For `/v2/` itself: a client that can log in is asked to, so that

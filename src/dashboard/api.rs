@@ -360,10 +360,8 @@ pub(super) async fn downloads(
         let (downloads, count) = cache.downloads_snapshot(room);
         total += count;
         let upstream = cache.upstream_label();
-        let visible = |download: &DownloadStatus| {
-            RepoName::parse(&download.repository)
-                .is_some_and(|repo| d.gate.may_pull(&identity, &cache.rule_name(&repo)))
-        };
+        let visible =
+            |download: &DownloadStatus| d.gate.may_pull_in(&identity, &cache, &download.repository);
         shown.extend(downloads.into_iter().filter(visible).map(|download| {
             let mut line = json!(download);
             line["upstream"] = json!(upstream);

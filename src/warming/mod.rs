@@ -96,12 +96,9 @@ impl Warming {
     /// Whether `identity` may pull the repository a job or record names,
     /// as the registry API would decide it.
     fn may_pull(&self, gate: &Gate, identity: &Identity, upstream: &str, repository: &str) -> bool {
-        let (Some(warmer), Some(repository)) =
-            (self.upstreams.get(upstream), RepoName::parse(repository))
-        else {
-            return false;
-        };
-        gate.may_pull(identity, &warmer.cache.rule_name(&repository))
+        self.upstreams
+            .get(upstream)
+            .is_some_and(|warmer| gate.may_pull_in(identity, &warmer.cache, repository))
     }
 }
 
