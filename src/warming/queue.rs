@@ -331,32 +331,42 @@ impl Queue {
     /// first). Jobs and outcomes are listed where `visible(upstream,
     /// repository)` allows; the counts are of all of them.
     pub fn status(&self, visible: impl Fn(&str, &str) -> bool) -> serde_json::Value {
-        let inner = self.inner.lock().expect("warming queue lock");
-        let count = |state: State| inner.entries.values().filter(|e| e.state == state).count();
-        let jobs: Vec<serde_json::Value> = inner
-            .entries
-            .values()
-            .filter(|entry| visible(&entry.job.upstream, entry.job.repository.as_str()))
+        // Copied out under the lock (at most `queuelength` jobs and
+        // RECENT_JOBS records), filtered after it: `visible` asks the
+        // access rules, which may re-read their file.
+        let (counts, jobs, recent) = {
+            let inner = self.inner.lock().expect("warming queue lock");
+            let count = |state: State| inner.entries.values().filter(|e| e.state == state).count();
+            let counts = [State::Queued, State::Running, State::Retrying].map(count);
+            let jobs: Vec<(Job, State, u32)> = (inner.entries.values())
+                .map(|entry| (entry.job.clone(), entry.state, entry.attempts))
+                .collect();
+            (counts, jobs, inner.recent.clone())
+        };
+        let jobs: Vec<serde_json::Value> = jobs
+            .iter()
+            .filter(|(job, ..)| visible(&job.upstream, job.repository.as_str()))
             .take(LISTED_JOBS)
-            .map(|entry| {
+            .map(|(job, state, attempts)| {
                 serde_json::json!({
-                    "upstream": entry.job.upstream,
-                    "repository": entry.job.repository.as_str(),
-                    "reference": entry.job.reference.to_string(),
-                    "origin": entry.job.origin,
-                    "state": entry.state,
-                    "attempts": entry.attempts,
+                    "upstream": job.upstream,
+                    "repository": job.repository.as_str(),
+                    "reference": job.reference.to_string(),
+                    "origin": job.origin,
+                    "state": state,
+                    "attempts": attempts,
                 })
             })
             .collect();
+        let [queued, running, retrying] = counts;
         serde_json::json!({
-            "queued": count(State::Queued),
-            "running": count(State::Running),
-            "retrying": count(State::Retrying),
+            "queued": queued,
+            "running": running,
+            "retrying": retrying,
             "queuelength": self.limits.queue_length,
             "workers": self.limits.workers,
             "jobs": jobs,
-            "recent": inner.recent.iter().rev()
+            "recent": recent.iter().rev()
                 .filter(|record| visible(&record.upstream, &record.repository))
                 .collect::<Vec<_>>(),
         })
