@@ -135,6 +135,11 @@ impl Catalog {
         Ok(Arc::new(names))
     }
 
+    /// Whether a listing is under way.
+    pub fn listing(&self) -> bool {
+        self.state().noted_during_listing.is_some()
+    }
+
     /// A repository this process just linked a manifest for.
     pub fn note(&self, repository: &str) {
         let mut state = self.state();

@@ -317,12 +317,15 @@ impl Storage {
         Ok(catalog::page(&listing, n, last, visible))
     }
 
-    /// Lists every repository into the catalog (joining a listing under
-    /// way).
     /// Lists every repository into the catalog in the background (at
     /// startup, so the first `_catalog` or dashboard page finds the names
-    /// in memory; and while the dashboard is served older ones).
+    /// in memory; and while the dashboard is served older ones). No task
+    /// is spawned while a listing is under way: one per stale request
+    /// would only wait for it.
     pub fn relist_catalog_behind(&self) {
+        if self.catalog.listing() {
+            return;
+        }
         let storage = self.clone();
         tokio::spawn(async move {
             if let Err(e) = storage.relist_catalog().await {
