@@ -59,7 +59,7 @@ impl Cluster {
             me,
             view,
             peers,
-            expected_authorization: Secret::from(format!("Bearer {}", config.secret.expose())),
+            expected_authorization: Secret::from(peer::authorization(config)),
             serving: Arc::new(Semaphore::new(config.max_peer_requests)),
             heartbeats,
             storage: storage.clone(),

@@ -51,6 +51,12 @@ impl PeerFailure {
     }
 }
 
+/// The `Authorization` value peers send and check: the cluster secret as
+/// a Bearer token.
+pub fn authorization(config: &ClusterConfig) -> String {
+    format!("Bearer {}", config.secret.expose())
+}
+
 impl PeerClient {
     pub fn new(config: &ClusterConfig) -> anyhow::Result<Self> {
         // Peers are addressed directly, never through HTTP_PROXY.
@@ -60,9 +66,8 @@ impl PeerClient {
             .read_timeout(PEER_IDLE_TIMEOUT)
             .user_agent(concat!("kura/", env!("CARGO_PKG_VERSION"), " peer"))
             .build()?;
-        let mut authorization =
-            HeaderValue::from_str(&format!("Bearer {}", config.secret.expose()))
-                .map_err(|_| anyhow::anyhow!("cluster.secret: not usable in an HTTP header"))?;
+        let mut authorization = HeaderValue::from_str(&authorization(config))
+            .map_err(|_| anyhow::anyhow!("cluster.secret: not usable in an HTTP header"))?;
         authorization.set_sensitive(true);
         Ok(Self {
             http,
