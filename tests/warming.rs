@@ -282,6 +282,56 @@ async fn kura_with_config(upstream: &Upstream, config: &str, dir: &Path) -> Kura
     Kura::start(options).await
 }
 
+/// The schedule obeys the content policy as clients do: a refused tag is
+/// never fetched, and an immutable tag, once resolved, is not moved when it
+/// moves upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_schedule_fetches_nothing_the_policy_refuses_and_moves_no_immutable_tag() {
+    let upstream = Upstream::anonymous().await;
+    let pinned = image("pinned, first")
+        .push(&upstream.client(), "team/base", Some("1.0"))
+        .await;
+    let refused = image("refused")
+        .push(&upstream.client(), "team/base", Some("nightly"))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "proxy:\n  remoteurl: {}\n  policy:\n    tags: [\"1.*\"]\n    immutabletags: [\"1.*\"]\n  \
+         warm:\n    - repository: team/base\n      references: [\"1.0\", nightly]\n      interval: 2s\n",
+        upstream.url()
+    );
+    let kura = kura_with_config(&upstream, &config, dir.path()).await;
+    assert!(
+        poll_until(LANDS_WITHIN, || holds(
+            kura.cache_dir(),
+            &pinned.all_digests()
+        ))
+        .await
+    );
+    let moved = image("pinned, moved")
+        .push(&upstream.client(), "team/base", Some("1.0"))
+        .await;
+    // Two more ticks of the schedule.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    wait_queue_empty(&kura).await;
+    assert!(
+        !holds_any(kura.cache_dir(), &refused.blob_digests()),
+        "a refused tag was warmed"
+    );
+    assert!(
+        !holds_any(kura.cache_dir(), &moved.blob_digests()),
+        "an immutable tag was moved"
+    );
+    assert_eq!(
+        upstream.count_requests("GET", "/v2/team/base/manifests/nightly"),
+        0
+    );
+    assert_eq!(
+        upstream.count_requests("HEAD", "/v2/team/base/manifests/nightly"),
+        0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_schedule_refetches_a_moved_tag_on_its_interval_and_not_before() {
     let upstream = Upstream::anonymous().await;
