@@ -506,8 +506,9 @@ mod tests {
     }
 
     /// Chunks of every size an upstream sends (trickles of a few bytes,
-    /// ones larger than a file write): the batches are the bytes in order,
-    /// and the staging file holds exactly them.
+    /// ones larger than a file write): the batches are the bytes in
+    /// order, what `written` counts is always on disk, and the staging file
+    /// holds exactly the bytes in the end.
     #[tokio::test]
     async fn staged_chunks_reach_the_file_and_the_batches_in_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -522,6 +523,10 @@ mod tests {
             let end = (at + size).min(content.len());
             let chunk = Bytes::copy_from_slice(&content[at..end]);
             batches.extend(staged.write(chunk).await.unwrap());
+            let written = staged.written() as usize;
+            let on_disk = std::fs::read(staged.path()).unwrap();
+            assert!(on_disk.len() >= written && on_disk[..written] == content[..written]);
+            assert!(written <= end, "counted as written before it was received");
             at = end;
             if at == content.len() {
                 break;
