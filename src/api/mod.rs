@@ -121,7 +121,7 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     // Only the head is read (the API takes no bodies), and unlike the
     // request it can be held across awaits.
     let (head, _) = request.into_parts();
-    if let Some(refusal) = token_refusal(&state.gate, &state.registries, &head) {
+    if let Some(refusal) = token_refusal(&state.gate, &state.registries, &head).await {
         return refusal;
     }
     let response = match state.gate.identify(&head.headers).await {
@@ -137,7 +137,7 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
 /// `error="invalid_token"` or `"insufficient_scope"` when a token was
 /// sent, and the access asked for as `detail`. Access rules then apply to
 /// what passes.
-fn token_refusal(gate: &Gate, registries: &Registries, head: &Parts) -> Option<Response> {
+async fn token_refusal(gate: &Gate, registries: &Registries, head: &Parts) -> Option<Response> {
     let token = gate.token()?;
     let ns = namespace_param(head.uri.query().unwrap_or(""));
     let needed = required_scope(head.uri.path(), |name| {
@@ -145,7 +145,8 @@ fn token_refusal(gate: &Gate, registries: &Registries, head: &Parts) -> Option<R
     });
     let authorization = head.headers.get(header::AUTHORIZATION);
     let rejection = token
-        .authorize(authorization.map(HeaderValue::as_bytes), needed.as_ref())
+        .check(authorization.map(HeaderValue::as_bytes), needed.as_ref())
+        .await
         .err()?;
     let header_text = |name| head.headers.get(name).and_then(|h| h.to_str().ok());
     let host = HostSeen {
@@ -445,11 +446,16 @@ async fn require_login(gate: Arc<Gate>, mut request: Request, next: Next) -> Res
     if path.starts_with("/v2") || matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return next.run(request).await;
     }
-    let identity = gate.identify(request.headers()).await.and_then(|identity| {
-        gate.check_base(&identity)?;
-        gate.check_listing(request.headers())?;
-        Ok(identity)
-    });
+    let identity = match gate.identify(request.headers()).await {
+        Ok(identity) => match gate.check_base(&identity) {
+            Ok(()) => gate
+                .check_listing(request.headers())
+                .await
+                .map(|()| identity),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     match identity {
         Ok(identity) => {
             request.extensions_mut().insert(identity);

@@ -125,7 +125,7 @@ impl Gate {
     /// credentials that are wrong (or that Kura cannot check).
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Identity, ApiError> {
         if let Some(token) = &self.token {
-            return self.token_identity(token, headers);
+            return self.token_identity(token, headers).await;
         }
         let Some(htpasswd) = &self.htpasswd else {
             // Nothing to log in to: whatever a client sends (Docker sends
@@ -153,12 +153,17 @@ impl Gate {
     /// The identity a valid Bearer token speaks for; without one, 401 (the
     /// registry API has answered with the challenge already; this is for
     /// pages beside it, which a browser cannot reach with a token).
-    fn token_identity(&self, token: &TokenAuth, headers: &HeaderMap) -> Result<Identity, ApiError> {
+    async fn token_identity(
+        &self,
+        token: &Arc<TokenAuth>,
+        headers: &HeaderMap,
+    ) -> Result<Identity, ApiError> {
         let authorization = headers
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
         let grant = token
-            .authorize(authorization, None)
+            .check(authorization, None)
+            .await
             .map_err(|_| unauthenticated())?;
         let user = (!grant.subject.is_empty()).then(|| grant.subject.clone());
         let mut groups = grant.groups.clone();
@@ -175,7 +180,7 @@ impl Gate {
     /// needs, `registry:catalog:*` (any valid token lets a client in, but
     /// one that grants a single repository must not list them all). Rules
     /// then narrow the listing as for anyone.
-    pub fn check_listing(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub async fn check_listing(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(token) = &self.token else {
             return Ok(());
         };
@@ -183,7 +188,8 @@ impl Gate {
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
         token
-            .authorize(authorization, Some(&Scope::catalog()))
+            .check(authorization, Some(&Scope::catalog()))
+            .await
             .map(drop)
             .map_err(|_| unauthenticated())
     }

@@ -14,7 +14,12 @@
 //!
 //! Verified tokens are remembered (bounded, least recently used out, never
 //! past their expiry) so the signature is checked once per token, not once
-//! per blob request. The key files are re-read when they change.
+//! per blob request. Requests check a token not remembered on the blocking
+//! pool, at most [`CONCURRENT_CHECKS`] at once ([`TokenAuth::check`]), with
+//! at most [`MAX_SIGNATURE_CHECKS`] signatures checked for its `x5c` chain:
+//! anyone can send a token, so what one costs must stay small and apart
+//! from the threads serving requests. The key files are re-read when they
+//! change.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +54,13 @@ pub const MAX_CACHED_TOKENS: usize = 1024;
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Certificates in an `x5c` chain, leaf included.
 const MAX_CHAIN_LENGTH: usize = 8;
+/// Certificate signatures checked to lead an `x5c` chain to a root: one
+/// per certificate for a real chain, however its certificates are
+/// ordered; a chain of look-alike names (each a candidate issuer of every
+/// other) is refused after this many instead of costing dozens.
+const MAX_SIGNATURE_CHECKS: usize = 2 * MAX_CHAIN_LENGTH;
+/// Tokens checked (signatures and all) at once by [`TokenAuth::check`].
+pub const CONCURRENT_CHECKS: usize = 2;
 /// Groups taken from the groups claim; the rest are dropped.
 const MAX_GROUPS: usize = 256;
 
@@ -194,6 +206,7 @@ pub struct TokenAuth {
     bundle: Option<WatchedFile<Keys>>,
     jwks: Option<WatchedFile<Keys>>,
     cache: Mutex<TokenCache>,
+    checks: tokio::sync::Semaphore,
 }
 
 impl TokenAuth {
@@ -209,6 +222,7 @@ impl TokenAuth {
             jwks: watch("auth.token.jwks", config.jwks.as_deref(), parse_jwks)?,
             config: config.clone(),
             cache: Mutex::new(TokenCache::default()),
+            checks: tokio::sync::Semaphore::new(CONCURRENT_CHECKS),
         })
     }
 
@@ -226,6 +240,50 @@ impl TokenAuth {
         match needed {
             Some(scope) if !grant.allows(scope) => Err(Rejection::InsufficientScope),
             _ => Ok(grant),
+        }
+    }
+
+    /// [`Self::authorize`] for request handlers: a token that needs no
+    /// signature check (remembered, missing, oversized) is answered at
+    /// once; any other is checked on the blocking pool, at most
+    /// [`CONCURRENT_CHECKS`] at a time. Requests with one new token (a
+    /// client pulling layers at once) queue, and the first check settles
+    /// the others.
+    pub async fn check(
+        self: &Arc<Self>,
+        authorization: Option<&[u8]>,
+        needed: Option<&Scope>,
+    ) -> Result<Arc<Grant>, Rejection> {
+        if authorization
+            .and_then(bearer_token)
+            .is_none_or(|token| self.decided_unchecked(token))
+        {
+            return self.authorize(authorization, needed);
+        }
+        let Ok(_check) = self.checks.acquire().await else {
+            return Err(Rejection::InvalidToken);
+        };
+        let (this, authorization, needed) = (
+            Arc::clone(self),
+            authorization.map(<[u8]>::to_vec),
+            needed.cloned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            this.authorize(authorization.as_deref(), needed.as_ref())
+        })
+        .await
+        .unwrap_or(Err(Rejection::InvalidToken))
+    }
+
+    /// Whether `token` is decided without a signature check: too long to
+    /// be read, or remembered as verified.
+    fn decided_unchecked(&self, token: &str) -> bool {
+        token.len() > MAX_TOKEN_BYTES || {
+            let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            let keys = self.current_keys();
+            self.lock_cache()
+                .get(&fingerprint, &keys, SystemTime::now())
+                .is_some()
         }
     }
 
@@ -571,6 +629,10 @@ impl KeyRing {
             .collect::<Vec<_>>();
         let (leaf, intermediates) = certs.split_first().ok_or("empty x5c")?;
         let mut current = leaf;
+        let checks = SignatureChecks::default();
+        let signed_by = |cert: &X509Certificate, issuer: &X509Certificate| {
+            cert.issuer() == issuer.subject() && checks.verify(cert, issuer)
+        };
         // Each step moves up one certificate, so the chain length bounds it.
         for _ in 0..=MAX_CHAIN_LENGTH {
             if !valid_at(current, now) {
@@ -588,14 +650,31 @@ impl KeyRing {
             current = intermediates
                 .iter()
                 .find(|issuer| issuer.is_ca() && signed_by(current, issuer))
-                .ok_or("x5c chain does not lead to a trusted root")?;
+                .ok_or(if checks.exhausted() {
+                    "x5c chain needs too many signature checks"
+                } else {
+                    "x5c chain does not lead to a trusted root"
+                })?;
         }
         Err("x5c chain does not lead to a trusted root")
     }
 }
 
-fn signed_by(cert: &X509Certificate, issuer: &X509Certificate) -> bool {
-    cert.issuer() == issuer.subject() && cert.verify_signature(Some(issuer.public_key())).is_ok()
+/// The certificate signatures one chain has had checked, refusing more
+/// than [`MAX_SIGNATURE_CHECKS`].
+#[derive(Default)]
+struct SignatureChecks(std::cell::Cell<usize>);
+
+impl SignatureChecks {
+    /// Whether `issuer` signed `cert`; `false` once the budget is spent.
+    fn verify(&self, cert: &X509Certificate, issuer: &X509Certificate) -> bool {
+        self.0.set(self.0.get() + 1);
+        !self.exhausted() && cert.verify_signature(Some(issuer.public_key())).is_ok()
+    }
+
+    fn exhausted(&self) -> bool {
+        self.0.get() > MAX_SIGNATURE_CHECKS
+    }
 }
 
 fn valid_at(cert: &X509Certificate, now: SystemTime) -> bool {
@@ -930,6 +1009,12 @@ mod tests {
         }
     }
 
+    fn claims_with_id(id: u64) -> serde_json::Value {
+        let mut claims = claims();
+        claims["jti"] = serde_json::json!(id);
+        claims
+    }
+
     fn claims() -> serde_json::Value {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -963,6 +1048,58 @@ mod tests {
         let header = format!("Bearer {token}");
         auth.authorize(Some(header.as_bytes()), Some(&Scope::pull("team/app")))
             .is_ok()
+    }
+
+    /// Certificates with one name, each a candidate issuer of the others
+    /// and of itself, none leading to a root: refused once the signature
+    /// budget is spent, not after one check per candidate per step (63).
+    #[test]
+    fn a_chain_of_look_alike_issuers_costs_at_most_the_signature_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = TestKey::new("root", true, None);
+        let look_alikes: Vec<TestKey> = (1..MAX_CHAIN_LENGTH)
+            .map(|_| TestKey::new("mid", true, None))
+            .collect();
+        let leaf = TestKey::new("leaf", false, look_alikes.last());
+        let chain: Vec<String> = std::iter::once(&leaf)
+            .chain(&look_alikes)
+            .map(TestKey::x5c)
+            .collect();
+        let auth = TokenAuth::load(&config(dir.path(), &[&root])).unwrap();
+        let refused = auth.current_keys().verify_chain(&chain, SystemTime::now());
+        assert_eq!(
+            refused.err(),
+            Some("x5c chain needs too many signature checks")
+        );
+    }
+
+    /// A remembered token is answered without waiting for a check; a new
+    /// one waits while [`CONCURRENT_CHECKS`] checks run.
+    #[tokio::test]
+    async fn requests_check_new_tokens_a_few_at_a_time() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = TestKey::new("key", false, None);
+        let auth = Arc::new(TokenAuth::load(&config(dir.path(), &[&key])).unwrap());
+        let bearer = |claims| format!("Bearer {}", key.sign_x5c(&[&key], &claims));
+        let (known, new) = (bearer(claims()), bearer(claims_with_id(1)));
+        let check = |header: &str| {
+            let auth = Arc::clone(&auth);
+            let header = header.to_owned();
+            async move { auth.check(Some(header.as_bytes()), None).await }
+        };
+        assert!(check(&known).await.is_ok());
+        let running = auth
+            .checks
+            .acquire_many(CONCURRENT_CHECKS as u32)
+            .await
+            .unwrap();
+        assert!(check(&known).now_or_never().expect("no wait").is_ok());
+        let waiting = tokio::spawn(check(&new));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "checked past the bound");
+        drop(running);
+        assert!(waiting.await.unwrap().is_ok());
     }
 
     #[test]
