@@ -495,3 +495,68 @@ async fn peer_requests_past_the_bound_get_503_and_a_stopped_replica_leaves_at_on
         b.log_text()
     );
 }
+
+/// The owner's download turns are all taken (by a download its paused
+/// upstream never answers): a peer asking for another cold blob is refused
+/// at once, so it fetches the blob itself instead of waiting out
+/// `downloadwait` and then fetching it anyway; a peer asking for the blob
+/// being downloaded joins that download.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_owner_refuses_a_peer_at_once_and_a_running_download_is_shared() {
+    let s3 = S3Server::start().await;
+    let upstream = Upstream::anonymous().await;
+    let running = push(&upstream, "flight/running", 1 << 20, 10).await;
+    let other = push(&upstream, "flight/other", 1 << 20, 12).await;
+    let env = [
+        ("REGISTRY_CACHE_MAXDOWNLOADS", "1"),
+        ("REGISTRY_CACHE_DOWNLOADWAIT", "300s"),
+        ("REGISTRY_PROXY_RESPONSETIMEOUT", "60s"),
+    ];
+    let (a, _a) = replica(&s3, &upstream, "", &env).await;
+    upstream.pause();
+    let client = http_client(Duration::from_secs(20));
+    let first = tokio::spawn(
+        client
+            .get(peer_blob_url(&a, &running))
+            .bearer_auth(SECRET)
+            .send(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !a
+        .metrics_text()
+        .await
+        .lines()
+        .any(|l| l == "kura_downloads_in_flight 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the download never took its turn"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let refused = client
+        .get(peer_blob_url(&a, &other))
+        .bearer_auth(SECRET)
+        .send()
+        .await;
+    let refused = refused.expect("the peer request waited for a turn");
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let joined = tokio::spawn(
+        client
+            .get(peer_blob_url(&a, &running))
+            .bearer_auth(SECRET)
+            .send(),
+    );
+    upstream.resume();
+    for response in [first.await.unwrap(), joined.await.unwrap()] {
+        let body = response.unwrap().bytes().await.unwrap();
+        assert_eq!(sha256_digest(&body), running.layers[0].digest);
+    }
+    assert_eq!(
+        upstream.count_requests("GET", &running.layers[0].digest),
+        1,
+        "the blob being downloaded was fetched again"
+    );
+}

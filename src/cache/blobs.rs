@@ -114,7 +114,9 @@ impl Cache {
     /// [`Cache::open_blob`] for a peer replica that asked this one as the
     /// owner: a download it starts goes to the upstream, never on to yet
     /// another replica (replicas whose views of the cluster differ for a
-    /// moment could otherwise ask each other in a circle).
+    /// moment could otherwise ask each other in a circle); one that would
+    /// wait for a download turn is refused at once (503), so the asker
+    /// fetches the blob itself right away.
     pub async fn open_blob_for_peer(
         self: &Arc<Self>,
         name: &RepoName,
@@ -133,6 +135,18 @@ impl Cache {
         let committed_before = self.downloads.committed_so_far();
         let body = match self.open_committed(digest).await? {
             Some(body) => body,
+            // The asking replica gives up on this one after its
+            // `peertimeout` and fetches the blob itself: waiting for a turn
+            // here would only make it two fetches instead of one.
+            None if ask_owner == AskOwner::No && self.downloads.would_wait(digest) => {
+                return Err(ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(
+                        ErrorCode::Unavailable,
+                        "every download turn of the owner replica is taken",
+                    )
+                });
+            }
             None => {
                 let download =
                     self.join_or_start_download(name, digest, committed_before, ask_owner);

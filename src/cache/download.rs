@@ -164,6 +164,13 @@ impl Downloads {
         self.committed.load(Ordering::Acquire)
     }
 
+    /// Whether a request for `digest` would wait for a download turn: none
+    /// of it runs, and every turn is taken.
+    pub(super) fn would_wait(&self, digest: &Digest) -> bool {
+        let in_flight = self.in_flight.lock().expect("downloads lock");
+        !in_flight.contains_key(digest) && self.admission.permits.available_permits() == 0
+    }
+
     /// A live download's size, once the upstream has told it.
     pub(super) fn live_size(&self, digest: &Digest) -> Option<u64> {
         let in_flight = self.in_flight.lock().expect("downloads lock");
