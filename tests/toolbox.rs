@@ -185,8 +185,15 @@ async fn ls_du_gc_describe_and_collect_the_cache() {
         "dry run deleted something"
     );
 
+    // What a server killed mid-download leaves: its staging directory,
+    // the lock file no longer held.
+    let abandoned = cache.join("staging").join("1-0-abandoned");
+    std::fs::create_dir_all(&abandoned).unwrap();
+    std::fs::write(abandoned.join("owner.lock"), b"").unwrap();
+    std::fs::write(abandoned.join("download"), b"never committed").unwrap();
     let real = ok(kura(&cache, &upstream, &["gc"], &expire), "gc");
     assert!(real.contains("freed"), "{real}");
+    assert!(!abandoned.exists(), "gc left a stopped process's staging");
     for digest in image.all_digests() {
         assert!(!blob_path(&cache, &digest).exists(), "{digest} survived gc");
     }

@@ -95,6 +95,10 @@ pub async fn gc(config: Config, dry_run: bool) -> anyhow::Result<()> {
     let applied = gc::apply(&storage, &plan, &policy, now)
         .await
         .context("removing content")?;
+    storage
+        .sweep_abandoned_staging()
+        .await
+        .context("removing the staging of stopped processes")?;
     println!(
         "freed {} in {} blobs and {} manifests; {} kept, {} spared as used meanwhile",
         human_bytes(applied.freed_bytes),

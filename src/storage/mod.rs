@@ -116,6 +116,16 @@ impl Storage {
         Ok(self)
     }
 
+    /// Removes the staging of processes that are gone, as [`Storage::open`]
+    /// does first: for `kura gc`, which frees what a crashed server left
+    /// even when no server starts on the directory again.
+    pub async fn sweep_abandoned_staging(&self) -> io::Result<()> {
+        let staging = self.staging_dir();
+        tokio::task::spawn_blocking(move || staging::sweep_abandoned(&staging))
+            .await
+            .map_err(io::Error::other)
+    }
+
     /// Whether this is a local cache (the tools check it exists).
     pub fn is_local(&self) -> bool {
         self.objects.is_local()
