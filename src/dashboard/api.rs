@@ -287,9 +287,9 @@ async fn tags(d: &Dashboard, name: &str, raw: Option<&str>) -> Result<Response, 
             .is_none_or(|last| tag.as_str() > last)
     };
     let mut rest = all.iter().filter(after);
-    let mut tags = Vec::new();
+    let (mut tags, mut budget) = (Vec::new(), manifest::REQUEST_BUDGET);
     for tag in rest.by_ref().take(paging.n) {
-        tags.push(tag_line(&storage, &repo, tag).await?);
+        tags.push(tag_line(&storage, &repo, tag, &mut budget).await?);
     }
     let next = rest
         .next()
@@ -298,17 +298,24 @@ async fn tags(d: &Dashboard, name: &str, raw: Option<&str>) -> Result<Response, 
     Ok(Json(json!({ "name": name, "tags": tags, "next": next })).into_response())
 }
 
-/// One tag: where it points, that manifest's summary and its last use.
-async fn tag_line(storage: &Storage, repo: &RepoName, tag: &str) -> Result<Value, ApiError> {
+/// One tag: where it points, that manifest's summary (if `budget` has
+/// room for its bytes; they are taken from it) and its last use.
+async fn tag_line(
+    storage: &Storage,
+    repo: &RepoName,
+    tag: &str,
+    budget: &mut usize,
+) -> Result<Value, ApiError> {
     let Some(link) = (match Tag::parse(tag) {
         Some(tag) => storage.tag_link(repo, &tag).await.map_err(storage_error)?,
         None => None,
     }) else {
         return Ok(json!({ "tag": tag }));
     };
-    let bytes = manifest::read(storage, &link.digest)
+    let bytes = manifest::read(storage, &link.digest, *budget)
         .await
         .map_err(storage_error)?;
+    *budget -= bytes.as_ref().map_or(0, Vec::len);
     let last_pulled = storage
         .last_use(&link.digest, &HashMap::new())
         .await
@@ -331,7 +338,7 @@ async fn manifest_detail(d: &Dashboard, name: &str, digest: &str) -> Result<Resp
         .await
         .map_err(storage_error)?;
     let bytes = match linked {
-        Some(_) => manifest::read(&storage, &digest)
+        Some(_) => manifest::read(&storage, &digest, manifest::REQUEST_BUDGET)
             .await
             .map_err(storage_error)?,
         None => None,

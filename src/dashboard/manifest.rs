@@ -84,9 +84,24 @@ pub struct Detail {
     pub truncated: bool,
 }
 
-/// The manifest's bytes, if stored (and not over the manifest limit).
-pub async fn read(storage: &Storage, digest: &Digest) -> io::Result<Option<Vec<u8>>> {
-    storage.read_blob_within(digest, MAX_MANIFEST_BYTES).await
+/// Manifest bytes one request reads at most (a page of tags, or a
+/// manifest and its platforms' manifests): real manifests are a few KiB,
+/// so this only stops a request over large ones (up to 4 MiB each) from
+/// reading hundreds of MiB. Past it, tags are listed without their
+/// manifest's summary and platforms without their size.
+pub const REQUEST_BUDGET: usize = 16 << 20;
+
+/// The manifest's bytes, if stored and not over the manifest limit nor
+/// `budget` (what the page reading it has left).
+pub async fn read(
+    storage: &Storage,
+    digest: &Digest,
+    budget: usize,
+) -> io::Result<Option<Vec<u8>>> {
+    match budget.min(MAX_MANIFEST_BYTES) {
+        0 => Ok(None),
+        limit => storage.read_blob_within(digest, limit).await,
+    }
 }
 
 fn parse(bytes: &[u8]) -> Parsed {
@@ -110,8 +125,10 @@ pub fn summary(bytes: &[u8]) -> Summary {
     }
 }
 
-/// The drill-down of a stored manifest.
+/// The drill-down of a stored manifest (its `bytes` were read within
+/// [`REQUEST_BUDGET`], which its platforms' manifests share).
 pub async fn detail(storage: &Storage, digest: &Digest, bytes: &[u8]) -> io::Result<Detail> {
+    let mut budget = REQUEST_BUDGET.saturating_sub(bytes.len());
     let parsed = parse(bytes);
     let truncated = parsed.layers.len().max(parsed.manifests.len()) > MAX_ENTRIES;
     let config = match &parsed.config {
@@ -124,7 +141,7 @@ pub async fn detail(storage: &Storage, digest: &Digest, bytes: &[u8]) -> io::Res
     }
     let mut platforms = Vec::new();
     for child in parsed.manifests.iter().take(MAX_ENTRIES) {
-        platforms.push(platform_entry(storage, child).await?);
+        platforms.push(platform_entry(storage, child, &mut budget).await?);
     }
     Ok(Detail {
         digest: digest.to_string(),
@@ -150,15 +167,31 @@ async fn blob_entry(storage: &Storage, descriptor: &Descriptor) -> io::Result<En
     })
 }
 
-async fn platform_entry(storage: &Storage, descriptor: &Descriptor) -> io::Result<Entry> {
-    let stored = match Digest::parse(&descriptor.digest) {
-        Ok(digest) => read(storage, &digest).await?,
-        Err(_) => None,
+/// A platform's manifest: stored or not, and its image's size if `budget`
+/// has room for its bytes (they are taken from it).
+async fn platform_entry(
+    storage: &Storage,
+    descriptor: &Descriptor,
+    budget: &mut usize,
+) -> io::Result<Entry> {
+    let Ok(digest) = Digest::parse(&descriptor.digest) else {
+        return Ok(Entry {
+            descriptor: descriptor.clone(),
+            cached: false,
+            image_size: None,
+        });
+    };
+    let (cached, image_size) = match read(storage, &digest, *budget).await? {
+        Some(bytes) => {
+            *budget -= bytes.len();
+            (true, image_size(&parse(&bytes)))
+        }
+        None => (storage.blob_size(&digest).await?.is_some(), None),
     };
     Ok(Entry {
         descriptor: descriptor.clone(),
-        cached: stored.is_some(),
-        image_size: stored.and_then(|bytes| image_size(&parse(&bytes))),
+        cached,
+        image_size,
     })
 }
 
@@ -176,5 +209,43 @@ mod tests {
         let seen = summary(index);
         assert_eq!((seen.size, seen.platforms), (None, 1));
         assert_eq!(summary(b"not json").size, None);
+    }
+
+    /// An index whose platforms' manifests together pass the request's
+    /// budget: the first ones are read and sized, the rest only found
+    /// stored (no more bytes read).
+    #[tokio::test]
+    async fn a_drill_down_reads_platform_manifests_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::local(dir.path()).open().await.unwrap();
+        let padding = "x".repeat(MAX_MANIFEST_BYTES - 1024);
+        let mut children = Vec::new();
+        for i in 0..REQUEST_BUDGET / MAX_MANIFEST_BYTES + 1 {
+            let child = format!(
+                r#"{{"config":{{"digest":"c{i}","size":10}},"layers":[],"annotations":{{"pad":"{padding}"}}}}"#
+            );
+            let digest = Digest::of_bytes(child.as_bytes());
+            storage
+                .put_blob_bytes(&digest, child.as_bytes())
+                .await
+                .unwrap();
+            children.push(format!(r#"{{"digest":"{digest}","size":{}}}"#, child.len()));
+        }
+        let index = format!(r#"{{"manifests":[{}]}}"#, children.join(","));
+        let digest = Digest::of_bytes(index.as_bytes());
+
+        let detail = detail(&storage, &digest, index.as_bytes()).await.unwrap();
+        let sized: Vec<bool> = detail
+            .platforms
+            .iter()
+            .map(|p| p.image_size.is_some())
+            .collect();
+        let fit = REQUEST_BUDGET / MAX_MANIFEST_BYTES;
+        assert_eq!(sized.iter().filter(|s| **s).count(), fit, "{sized:?}");
+        assert!(!sized[children.len() - 1], "read past the budget");
+        assert!(
+            detail.platforms.iter().all(|p| p.cached),
+            "a stored manifest shown missing"
+        );
     }
 }
