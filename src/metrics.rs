@@ -190,7 +190,7 @@ impl Metrics {
         );
         r.register(
             "blob_bytes_served",
-            "Blob bytes sent to clients, by upstream and source",
+            "Blob bytes sent to clients (and, source peer, to other replicas), by upstream and source",
             metrics.blob_bytes_served.clone(),
         );
         r.register(

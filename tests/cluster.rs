@@ -559,4 +559,15 @@ async fn a_busy_owner_refuses_a_peer_at_once_and_a_running_download_is_shared() 
         1,
         "the blob being downloaded was fetched again"
     );
+    // Only peers asked: the bytes and lookups are theirs, not clients'.
+    let metrics = a.metrics_text().await;
+    let peer_bytes = format!(
+        "kura_blob_bytes_served_total{{upstream=\"proxy\",source=\"peer\"}} {}",
+        2 * running.layers[0].size
+    );
+    assert!(metrics.lines().any(|l| l == peer_bytes), "{metrics}");
+    assert!(
+        !metrics.contains("source=\"download\"") && !metrics.contains("kind=\"blob\""),
+        "peer requests counted as clients'\n{metrics}"
+    );
 }

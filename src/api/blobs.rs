@@ -36,7 +36,17 @@ pub async fn serve(
         return Ok(with_accept_ranges(response));
     }
     let blob = cache.open_blob(name, digest).await?;
-    respond(cache, blob, digest, request_headers).await
+    respond(cache, blob, digest, request_headers, Audience::Client).await
+}
+
+/// Whom a blob is served to: a client, or a peer replica that asked this
+/// one as the blob's owner. Peers are counted apart (lookup kind
+/// `peer_blob`, bytes of source `peer`), so a cluster counts each lookup
+/// and each byte a client gets once, on the replica the client asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    Client,
+    Peer,
 }
 
 /// The response for an opened blob: a redirect to the storage, or its
@@ -46,13 +56,18 @@ pub async fn respond(
     blob: BlobBody,
     digest: &Digest,
     request_headers: &HeaderMap,
+    audience: Audience,
 ) -> Result<Response, ApiError> {
     let outcome = Outcome::from_hit(blob.cache_hit);
-    metrics().lookup(cache.upstream_label(), "blob", outcome.0);
+    let (kind, source) = match (audience, blob.cache_hit) {
+        (Audience::Peer, _) => ("peer_blob", "peer"),
+        (Audience::Client, true) => ("blob", "cache"),
+        (Audience::Client, false) => ("blob", "download"),
+    };
+    metrics().lookup(cache.upstream_label(), kind, outcome.0);
     if let Some(location) = blob.redirect() {
         return Ok(redirect(digest, location, outcome));
     }
-    let source = if blob.cache_hit { "cache" } else { "download" };
     let served = metrics()
         .blob_bytes_served
         .get_or_create_owned(&SourceLabels {

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::StreamExt;
 
+use super::blobs::Audience;
 use super::error::{ApiError, ErrorCode};
 use crate::cluster::Cluster;
 use crate::reference::{Digest, RepoName};
@@ -67,7 +68,7 @@ async fn serve_blob(
             )
         })?;
         let opened = cache.open_blob_for_peer(&name, &digest).await?;
-        super::blobs::respond(&cache, opened, &digest, &headers).await
+        super::blobs::respond(&cache, opened, &digest, &headers, Audience::Peer).await
     }
     .await;
     match result {
