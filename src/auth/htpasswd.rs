@@ -9,6 +9,10 @@
 //! checks run at once (the rest wait on the async side, each holding only
 //! its connection), and the last [`MAX_REFUSED`] refused credentials are
 //! refused again without bcrypt.
+//!
+//! A user the file does not name costs the same bcrypt check as a wrong
+//! password (against another user's hash), so the time of a refusal does
+//! not tell which user names exist.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -64,7 +68,15 @@ impl Htpasswd {
         if entries.refused().contains(&fingerprint) {
             return false;
         }
-        let Some(hash) = entries.hashes.get(user).cloned() else {
+        let known = entries.hashes.contains_key(user);
+        // An unknown user is checked against some user's hash (the same
+        // cost) and refused whatever the outcome.
+        let Some(hash) = entries
+            .hashes
+            .get(user)
+            .or_else(|| entries.hashes.values().next())
+            .cloned()
+        else {
             return false;
         };
         let Ok(_check) = self.checks.acquire().await else {
@@ -79,10 +91,11 @@ impl Htpasswd {
             return false;
         }
         let password = password.to_owned();
-        let ok =
+        let matches =
             tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
                 .await
                 .unwrap_or(false);
+        let ok = known && matches;
         if ok {
             entries.verified().insert(fingerprint);
         } else {
@@ -162,6 +175,15 @@ mod tests {
         assert!(!htpasswd.verify("alice", "wrong").await);
         assert!(!htpasswd.verify("bob", "plain").await, "non-bcrypt refused");
         assert!(!htpasswd.verify("", "").await);
+        assert!(
+            !htpasswd.verify("mallory", "right").await,
+            "an unknown user got in with another user's password"
+        );
+        let fingerprint: [u8; 32] = Sha256::digest("mallory:right").into();
+        assert!(
+            htpasswd.file.current().refused().contains(&fingerprint),
+            "an unknown user was not checked like a wrong password"
+        );
 
         let new_hash = bcrypt::hash("changed", 4).unwrap();
         std::fs::write(&path, format!("alice:{new_hash}\n")).unwrap();
