@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
@@ -33,13 +33,19 @@ pub const MAX_REFUSED: usize = 1024;
 pub struct Htpasswd {
     pub realm: String,
     file: WatchedFile<Entries>,
-    checks: Semaphore,
+    /// Held by each check until its blocking task ends, even if the
+    /// request that started it is gone.
+    checks: Arc<Semaphore>,
 }
 
 /// One version of the file.
 struct Entries {
     /// user → bcrypt hash.
     hashes: HashMap<String, String>,
+    /// The hash of the highest bcrypt cost, which unknown users are
+    /// checked against (never accepted): their refusal takes as long as
+    /// the slowest known user's.
+    slowest: Option<String>,
     /// sha256 of `user:password` pairs that verified against `hashes`: only
     /// valid credentials get in, so this is bounded by the users' passwords.
     verified: Mutex<HashSet<[u8; 32]>>,
@@ -54,7 +60,7 @@ impl Htpasswd {
         Ok(Self {
             realm: config.realm.clone(),
             file: WatchedFile::load(&config.path, "htpasswd", parse_entries)?,
-            checks: Semaphore::new(CONCURRENT_CHECKS),
+            checks: Arc::new(Semaphore::new(CONCURRENT_CHECKS)),
         })
     }
 
@@ -69,17 +75,17 @@ impl Htpasswd {
             return false;
         }
         let known = entries.hashes.contains_key(user);
-        // An unknown user is checked against some user's hash (the same
-        // cost) and refused whatever the outcome.
+        // An unknown user is checked against the slowest hash (at least
+        // any user's cost) and refused whatever the outcome.
         let Some(hash) = entries
             .hashes
             .get(user)
-            .or_else(|| entries.hashes.values().next())
+            .or(entries.slowest.as_ref())
             .cloned()
         else {
             return false;
         };
-        let Ok(_check) = self.checks.acquire().await else {
+        let Ok(check) = Arc::clone(&self.checks).acquire_owned().await else {
             return false;
         };
         // Parallel requests with one credential (a client pulling layers
@@ -91,10 +97,12 @@ impl Htpasswd {
             return false;
         }
         let password = password.to_owned();
-        let matches =
-            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
-                .await
-                .unwrap_or(false);
+        let matches = tokio::task::spawn_blocking(move || {
+            let _check = check;
+            bcrypt::verify(password, &hash).unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
         let ok = known && matches;
         if ok {
             entries.verified().insert(fingerprint);
@@ -138,11 +146,24 @@ fn parse_entries(text: &str) -> Result<Entries, String> {
         }
         hashes.insert(user.to_owned(), hash.to_owned());
     }
+    let slowest = hashes
+        .values()
+        .max_by_key(|hash| bcrypt_cost(hash))
+        .cloned();
     Ok(Entries {
         hashes,
+        slowest,
         verified: Mutex::default(),
         refused: Mutex::default(),
     })
+}
+
+/// The cost of a bcrypt hash (`$2y$<cost>$...`); 0 if unreadable.
+fn bcrypt_cost(hash: &str) -> u32 {
+    hash.split('$')
+        .nth(2)
+        .and_then(|cost| cost.parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -179,6 +200,7 @@ mod tests {
             !htpasswd.verify("mallory", "right").await,
             "an unknown user got in with another user's password"
         );
+        assert_eq!(bcrypt_cost(&bcrypt::hash("x", 5).unwrap()), 5);
         let fingerprint: [u8; 32] = Sha256::digest("mallory:right").into();
         assert!(
             htpasswd.file.current().refused().contains(&fingerprint),
