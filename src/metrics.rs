@@ -31,7 +31,8 @@ pub struct RouteLabels {
 pub struct LookupLabels {
     /// The configured upstream label (`proxy` or a registry name).
     pub upstream: String,
-    /// `manifest`, `blob` or `referrers`.
+    /// `manifest`, `blob`, `referrers`, or `peer_blob` (a blob served to
+    /// another replica as its owner).
     pub kind: &'static str,
     /// `hit`, `miss` or `stale`.
     pub outcome: &'static str,
@@ -41,7 +42,8 @@ pub struct LookupLabels {
 pub struct SourceLabels {
     /// The configured upstream label (`proxy` or a registry name).
     pub upstream: String,
-    /// `cache` (committed blob) or `download` (followed a live download).
+    /// `cache` (committed blob), `download` (followed a live download),
+    /// or `peer` (sent to another replica as the blob's owner).
     pub source: &'static str,
 }
 

@@ -498,7 +498,8 @@ async fn peer_requests_past_the_bound_get_503_and_a_stopped_replica_leaves_at_on
 
 /// The owner's download turns are all taken (by a download its paused
 /// upstream never answers): a peer asking for another cold blob is refused
-/// at once, so it fetches the blob itself instead of waiting out
+/// at once, also when the owner's own client already queued a download of
+/// it, so the asker fetches the blob itself instead of waiting out
 /// `downloadwait` and then fetching it anyway; a peer asking for the blob
 /// being downloaded joins that download.
 #[tokio::test(flavor = "multi_thread")]
@@ -535,6 +536,25 @@ async fn a_busy_owner_refuses_a_peer_at_once_and_a_running_download_is_shared() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    let other_url = format!(
+        "{}/v2/{}/blobs/{}",
+        a.url(),
+        other.repository,
+        other.layers[0].digest
+    );
+    let queued = tokio::spawn(client.get(other_url).send());
+    while !a
+        .metrics_text()
+        .await
+        .lines()
+        .any(|l| l == "kura_downloads_waiting 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the client's download never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let refused = client
         .get(peer_blob_url(&a, &other))
         .bearer_auth(SECRET)
@@ -549,25 +569,39 @@ async fn a_busy_owner_refuses_a_peer_at_once_and_a_running_download_is_shared() 
             .bearer_auth(SECRET)
             .send(),
     );
+    while !a
+        .metrics_text()
+        .await
+        .lines()
+        .any(|l| l == "kura_coalesced_waiters_total 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the second peer never joined the download"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     upstream.resume();
     for response in [first.await.unwrap(), joined.await.unwrap()] {
         let body = response.unwrap().bytes().await.unwrap();
         assert_eq!(sha256_digest(&body), running.layers[0].digest);
     }
+    let body = queued.await.unwrap().unwrap().bytes().await.unwrap();
+    assert_eq!(sha256_digest(&body), other.layers[0].digest);
     assert_eq!(
         upstream.count_requests("GET", &running.layers[0].digest),
         1,
         "the blob being downloaded was fetched again"
     );
-    // Only peers asked: the bytes and lookups are theirs, not clients'.
+    // Peers' bytes and the client's are counted apart.
     let metrics = a.metrics_text().await;
-    let peer_bytes = format!(
-        "kura_blob_bytes_served_total{{upstream=\"proxy\",source=\"peer\"}} {}",
-        2 * running.layers[0].size
-    );
-    assert!(metrics.lines().any(|l| l == peer_bytes), "{metrics}");
-    assert!(
-        !metrics.contains("source=\"download\"") && !metrics.contains("kind=\"blob\""),
-        "peer requests counted as clients'\n{metrics}"
-    );
+    let served = |source: &str, bytes: u64| {
+        format!("kura_blob_bytes_served_total{{upstream=\"proxy\",source=\"{source}\"}} {bytes}")
+    };
+    for line in [
+        served("peer", 2 * running.layers[0].size),
+        served("download", other.layers[0].size),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line}\n{metrics}");
+    }
 }

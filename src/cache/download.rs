@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -113,16 +113,25 @@ impl Admission {
     }
 }
 
-/// One download in the map: its progress, shared with its followers
-/// (each holds a receiver, so the receivers are its followers), and what
-/// the dashboard shows of it.
+/// One download in the map: what its task reports, and what the
+/// dashboard shows of it.
 struct InFlight {
-    progress: Arc<watch::Sender<Progress>>,
+    reports: Reports,
     repository: RepoName,
     started: Instant,
+}
+
+/// What a download's task reports as it goes, shared with its map entry:
+/// its progress (each follower holds a receiver, so the receivers are its
+/// followers), the bytes received and whether it has its turn.
+#[derive(Clone)]
+struct Reports {
+    progress: Arc<watch::Sender<Progress>>,
     /// Bytes received from upstream so far (the followers' `readable`
     /// moves by whole batches; this by every chunk).
     received: Arc<AtomicU64>,
+    /// The download has its turn (it may still be connecting).
+    admitted: Arc<AtomicBool>,
 }
 
 /// What the dashboard shows of a download in flight.
@@ -164,17 +173,20 @@ impl Downloads {
         self.committed.load(Ordering::Acquire)
     }
 
-    /// Whether a request for `digest` would wait for a download turn: none
-    /// of it runs, and every turn is taken.
+    /// Whether a request for `digest` would wait for a download turn: its
+    /// download waits for one, or none runs and every turn is taken.
     pub(super) fn would_wait(&self, digest: &Digest) -> bool {
         let in_flight = self.in_flight.lock().expect("downloads lock");
-        !in_flight.contains_key(digest) && self.admission.permits.available_permits() == 0
+        match in_flight.get(digest) {
+            Some(download) => !download.reports.admitted.load(Ordering::Acquire),
+            None => self.admission.permits.available_permits() == 0,
+        }
     }
 
     /// A live download's size, once the upstream has told it.
     pub(super) fn live_size(&self, digest: &Digest) -> Option<u64> {
         let in_flight = self.in_flight.lock().expect("downloads lock");
-        match *in_flight.get(digest)?.progress.borrow() {
+        match *in_flight.get(digest)?.reports.progress.borrow() {
             Progress::Streaming { total, .. } => total,
             _ => None,
         }
@@ -198,7 +210,7 @@ impl Downloads {
 
 impl InFlight {
     fn status(&self, digest: &Digest) -> DownloadStatus {
-        let (state, total) = match &*self.progress.borrow() {
+        let (state, total) = match &*self.reports.progress.borrow() {
             Progress::Connecting => ("connecting", None),
             Progress::Streaming { total, .. } => ("streaming", *total),
             Progress::Complete { total } => ("committing", Some(*total)),
@@ -209,9 +221,9 @@ impl InFlight {
             digest: digest.to_string(),
             repository: self.repository.to_string(),
             state,
-            received: self.received.load(Ordering::Relaxed),
+            received: self.reports.received.load(Ordering::Relaxed),
             total,
-            followers: self.progress.receiver_count(),
+            followers: self.reports.progress.receiver_count(),
             seconds: self.started.elapsed().as_secs(),
         }
     }
@@ -231,18 +243,20 @@ impl Cache {
         let mut in_flight = self.downloads.in_flight.lock().expect("downloads lock");
         if let Some(download) = in_flight.get(digest) {
             metrics().coalesced_waiters.inc();
-            return download.progress.subscribe();
+            return download.reports.progress.subscribe();
         }
         let (progress_tx, progress) = watch::channel(Progress::Connecting);
-        let progress_tx = Arc::new(progress_tx);
-        let received = Arc::new(AtomicU64::new(0));
+        let reports = Reports {
+            progress: Arc::new(progress_tx),
+            received: Arc::default(),
+            admitted: Arc::default(),
+        };
         in_flight.insert(
             digest.clone(),
             InFlight {
-                progress: Arc::clone(&progress_tx),
+                reports: reports.clone(),
                 repository: name.clone(),
                 started: Instant::now(),
-                received: Arc::clone(&received),
             },
         );
         self.downloads.admission.live.send_modify(|live| *live += 1);
@@ -256,20 +270,13 @@ impl Cache {
         tokio::spawn(async move {
             let _leaves = leaves;
             let outcome = this
-                .download(
-                    &name,
-                    &digest,
-                    committed_before,
-                    ask_owner,
-                    &progress_tx,
-                    &received,
-                )
+                .download(&name, &digest, committed_before, ask_owner, &reports)
                 .await;
             let final_state = outcome.unwrap_or_else(|err| {
                 tracing::warn!(%name, %digest, error = %err, "blob download failed; nothing committed");
                 Progress::Failed(err)
             });
-            progress_tx.send_replace(final_state);
+            reports.progress.send_replace(final_state);
         });
         progress
     }
@@ -280,14 +287,15 @@ impl Cache {
         digest: &Digest,
         committed_before: u64,
         ask_owner: AskOwner,
-        progress: &watch::Sender<Progress>,
-        received: &AtomicU64,
+        reports: &Reports,
     ) -> Result<Progress, ApiError> {
+        let (progress, received) = (&*reports.progress, &*reports.received);
         // Held until the commit is over, upload retries included: the
         // turn is what bounds the staging files on disk and the uploads'
         // part buffers, so a failing bucket slows new cold downloads
         // down instead of piling up staging files.
         let _turn = self.downloads.admission.admit().await?;
+        reports.admitted.store(true, Ordering::Release);
         let _running = GaugeGuard::inc(&metrics().downloads_in_flight);
         // A download of this digest may have committed it between the
         // caller's look into storage and this one's start.

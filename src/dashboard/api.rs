@@ -312,10 +312,13 @@ async fn tag_line(
     }) else {
         return Ok(json!({ "tag": tag }));
     };
-    let bytes = manifest::read(storage, &link.digest, *budget)
+    let summary = match manifest::read(storage, &link.digest, budget)
         .await
-        .map_err(storage_error)?;
-    *budget -= bytes.as_ref().map_or(0, Vec::len);
+        .map_err(storage_error)?
+    {
+        manifest::Stored::Read(bytes) => Some(manifest::summary(&bytes)),
+        manifest::Stored::Skipped | manifest::Stored::Missing => None,
+    };
     let last_pulled = storage
         .last_use(&link.digest, &HashMap::new())
         .await
@@ -323,7 +326,7 @@ async fn tag_line(
     Ok(json!({
         "tag": tag,
         "digest": link.digest.to_string(),
-        "manifest": bytes.as_deref().map(manifest::summary),
+        "manifest": summary,
         "confirmed_at": epoch_seconds(link.confirmed_at),
         "last_pulled": last_pulled.map(epoch_seconds),
     }))
@@ -337,19 +340,20 @@ async fn manifest_detail(d: &Dashboard, name: &str, digest: &str) -> Result<Resp
         .manifest_media_type(&repo, &digest)
         .await
         .map_err(storage_error)?;
-    let bytes = match linked {
-        Some(_) => manifest::read(&storage, &digest, manifest::REQUEST_BUDGET)
+    let mut budget = manifest::REQUEST_BUDGET;
+    let stored = match linked {
+        Some(_) => manifest::read(&storage, &digest, &mut budget)
             .await
             .map_err(storage_error)?,
-        None => None,
+        None => manifest::Stored::Missing,
     };
-    let Some(bytes) = bytes else {
+    let manifest::Stored::Read(bytes) = stored else {
         return Err(ApiError::new(
             ErrorCode::ManifestUnknown,
             "this manifest is not cached for this repository",
         ));
     };
-    let detail = manifest::detail(&storage, &digest, &bytes)
+    let detail = manifest::detail(&storage, &digest, &bytes, budget)
         .await
         .map_err(storage_error)?;
     Ok(Json(detail).into_response())

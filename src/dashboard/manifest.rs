@@ -91,17 +91,34 @@ pub struct Detail {
 /// manifest's summary and platforms without their size.
 pub const REQUEST_BUDGET: usize = 16 << 20;
 
-/// The manifest's bytes, if stored and not over the manifest limit nor
-/// `budget` (what the page reading it has left).
-pub async fn read(
-    storage: &Storage,
-    digest: &Digest,
-    budget: usize,
-) -> io::Result<Option<Vec<u8>>> {
-    match budget.min(MAX_MANIFEST_BYTES) {
-        0 => Ok(None),
-        limit => storage.read_blob_within(digest, limit).await,
+/// What [`read`] found of a manifest.
+pub enum Stored {
+    Missing,
+    /// Stored, but larger than the manifest limit or what the request had
+    /// left to read: not read (beyond the probe that found it too large).
+    Skipped,
+    Read(Vec<u8>),
+}
+
+/// A stored manifest, read if it fits the manifest limit and `budget`
+/// (what the request has left to read): every byte read, the probe of a
+/// manifest found too large included, is taken from `budget`.
+pub async fn read(storage: &Storage, digest: &Digest, budget: &mut usize) -> io::Result<Stored> {
+    let limit = (*budget).min(MAX_MANIFEST_BYTES);
+    if limit > 0
+        && let Some(bytes) = storage.read_blob_within(digest, limit).await?
+    {
+        *budget -= bytes.len();
+        return Ok(Stored::Read(bytes));
     }
+    Ok(match storage.blob_size(digest).await? {
+        None => Stored::Missing,
+        Some(_) => {
+            // The read took up to `limit + 1` bytes to find it too large.
+            *budget = budget.saturating_sub(limit + 1);
+            Stored::Skipped
+        }
+    })
 }
 
 fn parse(bytes: &[u8]) -> Parsed {
@@ -125,10 +142,14 @@ pub fn summary(bytes: &[u8]) -> Summary {
     }
 }
 
-/// The drill-down of a stored manifest (its `bytes` were read within
-/// [`REQUEST_BUDGET`], which its platforms' manifests share).
-pub async fn detail(storage: &Storage, digest: &Digest, bytes: &[u8]) -> io::Result<Detail> {
-    let mut budget = REQUEST_BUDGET.saturating_sub(bytes.len());
+/// The drill-down of a stored manifest; its platforms' manifests are
+/// read within what is left of the request's `budget`.
+pub async fn detail(
+    storage: &Storage,
+    digest: &Digest,
+    bytes: &[u8],
+    mut budget: usize,
+) -> io::Result<Detail> {
     let parsed = parse(bytes);
     let truncated = parsed.layers.len().max(parsed.manifests.len()) > MAX_ENTRIES;
     let config = match &parsed.config {
@@ -181,12 +202,10 @@ async fn platform_entry(
             image_size: None,
         });
     };
-    let (cached, image_size) = match read(storage, &digest, *budget).await? {
-        Some(bytes) => {
-            *budget -= bytes.len();
-            (true, image_size(&parse(&bytes)))
-        }
-        None => (storage.blob_size(&digest).await?.is_some(), None),
+    let (cached, image_size) = match read(storage, &digest, budget).await? {
+        Stored::Read(bytes) => (true, image_size(&parse(&bytes))),
+        Stored::Skipped => (true, None),
+        Stored::Missing => (false, None),
     };
     Ok(Entry {
         descriptor: descriptor.clone(),
@@ -213,7 +232,7 @@ mod tests {
 
     /// An index whose platforms' manifests together pass the request's
     /// budget: the first ones are read and sized, the rest only found
-    /// stored (no more bytes read).
+    /// stored (one probe of the first too large, then none read).
     #[tokio::test]
     async fn a_drill_down_reads_platform_manifests_within_the_budget() {
         let dir = tempfile::tempdir().unwrap();
@@ -234,7 +253,10 @@ mod tests {
         let index = format!(r#"{{"manifests":[{}]}}"#, children.join(","));
         let digest = Digest::of_bytes(index.as_bytes());
 
-        let detail = detail(&storage, &digest, index.as_bytes()).await.unwrap();
+        let budget = REQUEST_BUDGET - index.len();
+        let detail = detail(&storage, &digest, index.as_bytes(), budget)
+            .await
+            .unwrap();
         let sized: Vec<bool> = detail
             .platforms
             .iter()
