@@ -42,18 +42,22 @@ async fn replica(
 /// Waits (20 s at most) until every replica sees all of them live.
 async fn wait_for_each_other(replicas: &[&Kura]) {
     let expected = format!("kura_cluster_replicas {}", replicas.len());
-    let deadline = Instant::now() + Duration::from_secs(20);
     for kura in replicas {
-        while !kura.metrics_text().await.lines().any(|l| l == expected) {
-            assert!(
-                Instant::now() < deadline,
-                "{} never saw {} live replicas\n{}",
-                kura.url(),
-                replicas.len(),
-                kura.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_metric(kura, &expected).await;
+    }
+}
+
+/// Waits (20 s at most) until `kura`'s metrics hold `line`.
+async fn wait_for_metric(kura: &Kura, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !kura.metrics_text().await.lines().any(|l| l == line) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never showed {line}\n{}",
+            kura.url(),
+            kura.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -516,25 +520,14 @@ async fn a_busy_owner_refuses_a_peer_at_once_and_a_running_download_is_shared() 
     let (a, _a) = replica(&s3, &upstream, "", &env).await;
     upstream.pause();
     let client = http_client(Duration::from_secs(20));
-    let first = tokio::spawn(
+    let peer_get = |image: &PushedImage| {
         client
-            .get(peer_blob_url(&a, &running))
+            .get(peer_blob_url(&a, image))
             .bearer_auth(SECRET)
-            .send(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !a
-        .metrics_text()
-        .await
-        .lines()
-        .any(|l| l == "kura_downloads_in_flight 1")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the download never took its turn"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .send()
+    };
+    let first = tokio::spawn(peer_get(&running));
+    wait_for_metric(&a, "kura_downloads_in_flight 1").await;
 
     let other_url = format!(
         "{}/v2/{}/blobs/{}",
@@ -543,44 +536,13 @@ async fn a_busy_owner_refuses_a_peer_at_once_and_a_running_download_is_shared() 
         other.layers[0].digest
     );
     let queued = tokio::spawn(client.get(other_url).send());
-    while !a
-        .metrics_text()
-        .await
-        .lines()
-        .any(|l| l == "kura_downloads_waiting 1")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the client's download never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let refused = client
-        .get(peer_blob_url(&a, &other))
-        .bearer_auth(SECRET)
-        .send()
-        .await;
+    wait_for_metric(&a, "kura_downloads_waiting 1").await;
+    let refused = peer_get(&other).await;
     let refused = refused.expect("the peer request waited for a turn");
     assert_eq!(refused.status(), 503);
     assert!(refused.headers().contains_key("retry-after"));
-    let joined = tokio::spawn(
-        client
-            .get(peer_blob_url(&a, &running))
-            .bearer_auth(SECRET)
-            .send(),
-    );
-    while !a
-        .metrics_text()
-        .await
-        .lines()
-        .any(|l| l == "kura_coalesced_waiters_total 1")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the second peer never joined the download"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let joined = tokio::spawn(peer_get(&running));
+    wait_for_metric(&a, "kura_coalesced_waiters_total 1").await;
     upstream.resume();
     for response in [first.await.unwrap(), joined.await.unwrap()] {
         let body = response.unwrap().bytes().await.unwrap();
