@@ -436,8 +436,9 @@ async fn killing_the_owner_mid_download_fails_no_client_of_the_others() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     upstream.pause();
+    let owner_fetched = upstream.bytes_served() - before;
     assert!(
-        upstream.bytes_served() < before + layer.size,
+        owner_fetched < layer.size,
         "the download finished before the upstream froze"
     );
     all[owner_index].kill9();
@@ -454,6 +455,12 @@ async fn killing_the_owner_mid_download_fails_no_client_of_the_others() {
     assert!(
         logs.contains("the upstream takes over"),
         "no replica was following the owner's body when it died:\n{logs}"
+    );
+    // Each taking over asked only for what the owner had not sent it.
+    let taken_over = upstream.bytes_served() - before - owner_fetched;
+    assert!(
+        taken_over < 2 * layer.size,
+        "the upstream sent {taken_over} bytes after the owner died, the whole blob twice\n{logs}"
     );
 }
 

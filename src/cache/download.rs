@@ -6,7 +6,8 @@
 //! In a cluster, the body comes from the digest's owner replica when that
 //! is another one and it answers promptly (`crate::cluster::peer`); it is
 //! staged and verified the same way, and if it breaks off, the upstream's
-//! body takes over from the first byte not yet staged.
+//! body takes over from the first byte not yet staged (asked for with
+//! `Range`).
 //!
 //! Admission comes first and costs nothing but a map entry: no staging
 //! file, no buffers and no blocking thread exist until a download holds a
@@ -372,7 +373,9 @@ impl Cache {
     }
 
     /// The upstream's body from byte `skip` on (the bytes before it came
-    /// from the owner replica, whose body broke off).
+    /// from the owner replica, whose body broke off): asked for with
+    /// `Range`, or skipped in the whole body an upstream without ranges
+    /// sends.
     async fn upstream_source(
         &self,
         name: &RepoName,
@@ -381,10 +384,22 @@ impl Cache {
     ) -> Result<Source, ApiError> {
         let response = self
             .upstream
-            .get_blob(name, digest)
+            .get_blob_from(name, digest, skip)
             .await
             .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
-        let total = response.content_length();
+        let partial = response
+            .partial()
+            .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
+        let (total, skip) = match partial {
+            None => (response.content_length(), skip),
+            Some((start, size)) if start == skip => (Some(size), 0),
+            Some((start, _)) => {
+                count_failure("transfer");
+                return Err(transfer_failed(format!(
+                    "the upstream sent bytes from {start}, not {skip} as asked"
+                )));
+            }
+        };
         let fetched = metrics()
             .upstream_bytes_fetched
             .get_or_create_owned(&UpstreamLabels {

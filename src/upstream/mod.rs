@@ -14,7 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use reqwest::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER,
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, HeaderName,
+    HeaderValue, RANGE, RETRY_AFTER,
 };
 use reqwest::{Method, Response, StatusCode, Url};
 
@@ -166,6 +167,23 @@ impl SlottedResponse {
 
     pub fn content_length(&self) -> Option<u64> {
         content_length(self.response.headers())
+    }
+
+    /// For a `206 Partial Content` answer, where its bytes start and the
+    /// whole blob's size (`Content-Range: bytes <start>-<end>/<size>`);
+    /// `Ok(None)` for a whole body.
+    pub fn partial(&self) -> Result<Option<(u64, u64)>, UpstreamError> {
+        if self.response.status() != StatusCode::PARTIAL_CONTENT {
+            return Ok(None);
+        }
+        let range = self
+            .headers()
+            .get(CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(content_range);
+        range.map(Some).ok_or_else(|| {
+            UpstreamError::Unusable("a partial answer without a readable Content-Range".into())
+        })
     }
 
     /// A whole (small) body: manifests, tag lists; `what` names it in the
@@ -321,7 +339,7 @@ impl Upstream {
         method: Method,
         name: &RepoName,
         suffix: &str,
-        accept: Option<&'static str>,
+        header: Option<RequestHeader>,
     ) -> Result<SlottedResponse, UpstreamError> {
         let kind = match (&method, suffix.starts_with("blobs/")) {
             (&Method::GET, true) => SlotKind::Body,
@@ -331,7 +349,7 @@ impl Upstream {
             self.count_manifest_request(&method);
         }
         let url = self.url(&self.upstream_name(name), suffix);
-        self.send_to(method, name, url, kind, accept).await
+        self.send_to(method, name, url, kind, header).await
     }
 
     /// Counts a manifest request apart by method: Docker Hub counts a GET
@@ -359,15 +377,15 @@ impl Upstream {
         name: &RepoName,
         url: Url,
         kind: SlotKind,
-        accept: Option<&'static str>,
+        header: Option<RequestHeader>,
     ) -> Result<SlottedResponse, UpstreamError> {
         self.courtesy.check_pause()?;
         let slot = self.courtesy.slot(kind, self.response_timeout).await?;
         let scope = format!("repository:{}:pull", self.upstream_name(name));
         for attempt in 0..2 {
             let mut request = self.http.request(method.clone(), url.clone());
-            if let Some(accept) = accept {
-                request = request.header(ACCEPT, accept);
+            if let Some((name, value)) = &header {
+                request = request.header(name, value);
             }
             if let Some(header) = self.auth.header_for(&scope).await? {
                 request = request.header(AUTHORIZATION, header);
@@ -422,7 +440,7 @@ impl Upstream {
     ) -> Result<ManifestMeta, UpstreamError> {
         let suffix = format!("manifests/{reference}");
         let response = self
-            .send(Method::HEAD, name, &suffix, Some(MANIFEST_ACCEPT))
+            .send(Method::HEAD, name, &suffix, accept(MANIFEST_ACCEPT))
             .await?;
         Ok(manifest_meta(response.headers()))
     }
@@ -435,7 +453,7 @@ impl Upstream {
     ) -> Result<(ManifestMeta, Bytes), UpstreamError> {
         let suffix = format!("manifests/{reference}");
         let response = self
-            .send(Method::GET, name, &suffix, Some(MANIFEST_ACCEPT))
+            .send(Method::GET, name, &suffix, accept(MANIFEST_ACCEPT))
             .await?;
         let meta = manifest_meta(response.headers());
         let body = response.bytes(MAX_MANIFEST_BYTES, "manifest").await?;
@@ -461,8 +479,24 @@ impl Upstream {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<SlottedResponse, UpstreamError> {
+        self.get_blob_from(name, digest, 0).await
+    }
+
+    /// [`Self::get_blob`] from byte `offset` on, asked with `Range`; the
+    /// upstream may answer with the whole blob instead (see
+    /// [`SlottedResponse::partial`]).
+    pub async fn get_blob_from(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<SlottedResponse, UpstreamError> {
         let suffix = format!("blobs/{digest}");
-        self.send(Method::GET, name, &suffix, None).await
+        let range = (offset > 0).then(|| {
+            let value = HeaderValue::from_str(&format!("bytes={offset}-")).expect("ascii");
+            (RANGE, value)
+        });
+        self.send(Method::GET, name, &suffix, range).await
     }
 
     /// One page of the upstream's tag list: `query` is empty for the first
@@ -561,6 +595,21 @@ fn manifest_meta(headers: &HeaderMap) -> ManifestMeta {
     }
 }
 
+/// `bytes <start>-<end>/<size>`: the start and the whole size.
+fn content_range(value: &str) -> Option<(u64, u64)> {
+    let (span, size) = value.strip_prefix("bytes ")?.split_once('/')?;
+    let start = span.split_once('-')?.0.parse().ok()?;
+    Some((start, size.parse().ok()?))
+}
+
+/// The one header some upstream requests add to the usual ones.
+type RequestHeader = (HeaderName, HeaderValue);
+
+/// `Accept: <types>`.
+fn accept(types: &'static str) -> Option<RequestHeader> {
+    Some((ACCEPT, HeaderValue::from_static(types)))
+}
+
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(CONTENT_LENGTH)
@@ -571,7 +620,22 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::{HeaderValue, LINK};
+    use reqwest::header::LINK;
+
+    #[test]
+    fn a_content_range_gives_its_start_and_the_whole_size() {
+        assert_eq!(content_range("bytes 100-199/200"), Some((100, 200)));
+        assert_eq!(content_range("bytes 0-0/1"), Some((0, 1)));
+        for unreadable in [
+            "bytes */200",
+            "bytes 100-199/*",
+            "items 1-2/3",
+            "bytes 100/200",
+            "",
+        ] {
+            assert_eq!(content_range(unreadable), None, "{unreadable}");
+        }
+    }
 
     fn next_of(links: &[&str]) -> Option<String> {
         let mut headers = HeaderMap::new();

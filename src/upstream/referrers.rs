@@ -56,7 +56,7 @@ impl Upstream {
                     name,
                     url,
                     SlotKind::Metadata,
-                    Some(INDEX_ACCEPT),
+                    super::accept(INDEX_ACCEPT),
                 )
                 .await?;
             let next = next_page(response.headers(), response.response.url(), &self.base)?;
