@@ -87,6 +87,8 @@ async fn a_push_to_the_upstream_warms_kura_with_no_client_request() {
     .await;
     assert!(warmed, "not warmed; status {}", status(&kura).await);
     kura.wait_downloads_settled().await;
+    // The job records its outcome a moment after its last blob lands.
+    wait_queue_empty(&kura).await;
     let recent = status(&kura).await["recent"].clone();
     assert_eq!(recent[0]["outcome"], "done", "{recent}");
     assert_eq!(recent[0]["origin"], "event", "{recent}");
