@@ -462,6 +462,15 @@ async fn killing_the_owner_mid_download_fails_no_client_of_the_others() {
         taken_over < 2 * layer.size,
         "the upstream sent {taken_over} bytes after the owner died, the whole blob twice\n{logs}"
     );
+    let partial_gets = upstream
+        .requests()
+        .iter()
+        .filter(|r| r.uri.contains(&layer.digest) && r.status == 206)
+        .count();
+    assert!(
+        partial_gets >= 1,
+        "no replica took over with a Range request"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

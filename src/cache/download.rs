@@ -387,9 +387,10 @@ impl Cache {
             .get_blob_from(name, digest, skip)
             .await
             .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
-        let partial = response
-            .partial()
-            .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown))?;
+        let partial = response.partial().map_err(|e| {
+            count_failure("transfer");
+            upstream_error(&e, ErrorCode::BlobUnknown)
+        })?;
         let (total, skip) = match partial {
             None => (response.content_length(), skip),
             Some((start, size)) if start == skip => (Some(size), 0),
@@ -465,7 +466,7 @@ impl Cache {
             if total.is_some_and(|total| staged.received() + chunk.len() as u64 > total) {
                 count_failure("overlong");
                 return Err(transfer_failed(
-                    "upstream sent more than its Content-Length".into(),
+                    "upstream sent more than the blob's announced size".into(),
                 ));
             }
             let batch = staged.write(chunk).await.map_err(storage_failed)?;
@@ -474,7 +475,7 @@ impl Cache {
         if total.is_some_and(|total| staged.received() != total) {
             count_failure("truncated");
             return Err(transfer_failed(
-                "upstream body shorter than its Content-Length".into(),
+                "upstream body shorter than the blob's announced size".into(),
             ));
         }
         let batch = staged.flush().await.map_err(storage_failed)?;
