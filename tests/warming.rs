@@ -27,6 +27,15 @@ fn holds(cache_dir: &Path, digests: &BTreeSet<String>) -> bool {
     digests.iter().all(|d| blob_path(cache_dir, d).exists())
 }
 
+/// Waits (bounded) until every blob of `image` is in Kura's cache; whether
+/// they all landed.
+async fn lands(kura: &Kura, image: &PushedImage) -> bool {
+    poll_until(LANDS_WITHIN, || {
+        holds(kura.cache_dir(), &image.all_digests())
+    })
+    .await
+}
+
 fn holds_any(cache_dir: &Path, digests: &BTreeSet<String>) -> bool {
     digests.iter().any(|d| blob_path(cache_dir, d).exists())
 }
@@ -81,10 +90,7 @@ async fn a_push_to_the_upstream_warms_kura_with_no_client_request() {
     let pushed = image("pushed, then warmed")
         .push(&upstream.client(), "team/app", Some("v1"))
         .await;
-    let warmed = poll_until(LANDS_WITHIN, || {
-        holds(kura.cache_dir(), &pushed.all_digests())
-    })
-    .await;
+    let warmed = lands(&kura, &pushed).await;
     assert!(warmed, "not warmed; status {}", status(&kura).await);
     kura.wait_downloads_settled().await;
     // The job records its outcome a moment after its last blob lands.
@@ -228,20 +234,8 @@ async fn a_hundred_events_for_one_tag_are_one_fetch() {
     assert_eq!(response.status(), 202);
     assert_eq!(response.json::<Value>().await.unwrap()["queued"], 1);
 
-    assert!(
-        poll_until(LANDS_WITHIN, || holds(
-            kura.cache_dir(),
-            &pushed.all_digests()
-        ))
-        .await
-    );
-    assert!(
-        poll_until(LANDS_WITHIN, || holds(
-            kura.cache_dir(),
-            &harbor.all_digests()
-        ))
-        .await
-    );
+    assert!(lands(&kura, &pushed).await);
+    assert!(lands(&kura, &harbor).await);
     wait_queue_empty(&kura).await;
     kura.wait_downloads_settled().await;
     assert_eq!(upstream.count_requests("GET", "/v2/team/app/manifests/"), 1);
@@ -303,13 +297,7 @@ async fn the_schedule_fetches_nothing_the_policy_refuses_and_moves_no_immutable_
         upstream.url()
     );
     let kura = kura_with_config(&upstream, &config, dir.path()).await;
-    assert!(
-        poll_until(LANDS_WITHIN, || holds(
-            kura.cache_dir(),
-            &pinned.all_digests()
-        ))
-        .await
-    );
+    assert!(lands(&kura, &pinned).await);
     let moved = image("pinned, moved")
         .push(&upstream.client(), "team/base", Some("1.0"))
         .await;
@@ -348,13 +336,7 @@ async fn the_schedule_refetches_a_moved_tag_on_its_interval_and_not_before() {
     let kura = kura_with_config(&upstream, &config, dir.path()).await;
 
     // The first tick is at startup.
-    assert!(
-        poll_until(LANDS_WITHIN, || holds(
-            kura.cache_dir(),
-            &first.all_digests()
-        ))
-        .await
-    );
+    assert!(lands(&kura, &first).await);
     wait_queue_empty(&kura).await;
     let moved: PushedImage = image("scheduled, moved")
         .push(&upstream.client(), "team/sched", Some("v1"))
@@ -370,11 +352,7 @@ async fn the_schedule_refetches_a_moved_tag_on_its_interval_and_not_before() {
     );
 
     assert!(
-        poll_until(LANDS_WITHIN, || holds(
-            kura.cache_dir(),
-            &moved.all_digests()
-        ))
-        .await,
+        lands(&kura, &moved).await,
         "the moved tag was not fetched on the next interval"
     );
     wait_queue_empty(&kura).await;
@@ -421,13 +399,7 @@ async fn a_platform_rule_fetches_only_that_platform() {
     let kura = kura_with_config(&upstream, &config, dir.path()).await;
     let amd64 = index.child("amd64");
     let arm64 = index.child("arm64");
-    assert!(
-        poll_until(LANDS_WITHIN, || holds(
-            kura.cache_dir(),
-            &amd64.all_digests()
-        ))
-        .await
-    );
+    assert!(lands(&kura, amd64).await);
     wait_queue_empty(&kura).await;
     kura.wait_downloads_settled().await;
 
