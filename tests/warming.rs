@@ -279,8 +279,8 @@ async fn kura_with_config(upstream: &Upstream, config: &str, dir: &Path) -> Kura
 }
 
 /// The schedule obeys the content policy as clients do: a refused tag is
-/// never fetched, and an immutable tag, once resolved, is not moved when it
-/// moves upstream.
+/// never fetched (nor paid for from the budget), and an immutable tag, once
+/// resolved, is not moved when it moves upstream.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_schedule_fetches_nothing_the_policy_refuses_and_moves_no_immutable_tag() {
     let upstream = Upstream::anonymous().await;
@@ -292,7 +292,7 @@ async fn the_schedule_fetches_nothing_the_policy_refuses_and_moves_no_immutable_
         .await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
-        "proxy:\n  remoteurl: {}\n  policy:\n    tags: [\"1.*\"]\n    immutabletags: [\"1.*\"]\n  \
+        "proxy:\n  remoteurl: {}\n  warmbudget: 4\n  policy:\n    tags: [\"1.*\"]\n    immutabletags: [\"1.*\"]\n  \
          warm:\n    - repository: team/base\n      references: [\"1.0\", nightly]\n      interval: 2s\n",
         upstream.url()
     );
@@ -319,6 +319,12 @@ async fn the_schedule_fetches_nothing_the_policy_refuses_and_moves_no_immutable_
     assert_eq!(
         upstream.count_requests("HEAD", "/v2/team/base/manifests/nightly"),
         0
+    ); // The refused tag, asked for on every tick, spent none of the budget
+    // of four manifest GETs an hour (the pinned tag took two).
+    assert!(
+        !kura.log_text().contains("(warmbudget) is spent"),
+        "a refused reference spent the budget\n{}",
+        kura.log_text()
     );
 }
 

@@ -223,7 +223,8 @@ impl Gate {
             return false;
         };
         RepoName::parse(routed.name).is_some_and(|repo| {
-            routed.cache.admits(&repo) && self.may_pull(identity, &routed.cache.rule_name(&repo))
+            routed.cache.admits(&repo, None)
+                && self.may_pull(identity, &routed.cache.rule_name(&repo))
         })
     }
 

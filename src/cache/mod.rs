@@ -142,9 +142,9 @@ impl Cache {
     }
 
     /// Whether the content policy admits a repository at all (listings
-    /// leave out what it refuses).
-    pub fn admits(&self, name: &RepoName) -> bool {
-        self.verdict(name, None) == Verdict::Allowed
+    /// leave out what it refuses), or with `tag`, that tag of it.
+    pub fn admits(&self, name: &RepoName, tag: Option<&Tag>) -> bool {
+        self.verdict(name, tag) == Verdict::Allowed
     }
 
     fn verdict(&self, name: &RepoName, tag: Option<&Tag>) -> Verdict {

@@ -159,7 +159,7 @@ async fn manifest(
     if !plan.revalidate {
         return manifest_once(cache, repo, reference, plan).await;
     }
-    let ticket = plan.budget.map(Budget::take).transpose()?;
+    let ticket = ticket(cache, repo, reference, plan)?;
     let manifest = paid(ticket, cache.manifest_revalidated(repo, tag).await)?;
     // Served stale: the upstream could not say where the tag points now,
     // so nothing was warmed.
@@ -176,8 +176,28 @@ async fn manifest_once(
     reference: &Reference,
     plan: Plan<'_>,
 ) -> anyhow::Result<Manifest> {
-    let ticket = plan.budget.map(Budget::take).transpose()?;
+    let ticket = ticket(cache, repo, reference, plan)?;
     Ok(paid(ticket, cache.manifest(repo, reference).await)?)
+}
+
+/// A budget ticket for a manifest request, unless the content policy
+/// refuses the reference: the cache then answers DENIED without asking
+/// the upstream, and a refused `warm:` entry would otherwise spend the
+/// budget on every tick.
+fn ticket<'a>(
+    cache: &Cache,
+    repo: &RepoName,
+    reference: &Reference,
+    plan: Plan<'a>,
+) -> Result<Option<super::budget::Ticket<'a>>, super::budget::BudgetSpent> {
+    let tag = match reference {
+        Reference::Tag(tag) => Some(tag),
+        Reference::Digest(_) => None,
+    };
+    if !cache.admits(repo, tag) {
+        return Ok(None);
+    }
+    plan.budget.map(Budget::take).transpose()
 }
 
 /// Refunds the ticket of a manifest that came from the cache.
