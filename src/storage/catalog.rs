@@ -39,8 +39,42 @@ struct State {
     /// When the listing behind `names` started; `None` when there is no
     /// usable one (never listed, too many names, something was removed).
     listed_at: Option<Instant>,
-    /// Names noted while a listing runs, which it may have missed.
+    /// Names noted while a listing runs, which it may have missed; `Some`
+    /// exactly while one is under way.
     noted_during_listing: Option<BTreeSet<String>>,
+    /// Counts listings started, so a listing ended past its deadline
+    /// clears only its own mark ([`ListingUnderWay`]).
+    listings_started: u64,
+}
+
+/// Marks a listing as under way while it lives: dropped when the listing
+/// ends, however it ends (its deadline included, when the listing task is
+/// dropped before keeping anything), so [`Catalog::listing`] never stays
+/// true for a listing that is gone.
+struct ListingUnderWay {
+    catalog: Arc<Catalog>,
+    id: u64,
+}
+
+impl ListingUnderWay {
+    fn start(catalog: &Arc<Catalog>) -> Self {
+        let mut state = catalog.state();
+        state.listings_started += 1;
+        state.noted_during_listing = Some(BTreeSet::new());
+        Self {
+            catalog: Arc::clone(catalog),
+            id: state.listings_started,
+        }
+    }
+}
+
+impl Drop for ListingUnderWay {
+    fn drop(&mut self) {
+        let mut state = self.catalog.state();
+        if state.listings_started == self.id {
+            state.noted_during_listing = None;
+        }
+    }
 }
 
 /// How old the listing behind a page may be.
@@ -67,14 +101,18 @@ impl std::fmt::Debug for Catalog {
 
 impl Default for Catalog {
     fn default() -> Self {
-        Self {
-            state: Mutex::default(),
-            listings: Flights::new(LISTING_DEADLINE),
-        }
+        Self::with_listing_deadline(LISTING_DEADLINE)
     }
 }
 
 impl Catalog {
+    fn with_listing_deadline(deadline: Duration) -> Self {
+        Self {
+            state: Mutex::default(),
+            listings: Flights::new(deadline),
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("catalog lock")
     }
@@ -107,7 +145,7 @@ impl Catalog {
             .listings
             .run((), move || async move {
                 let started = Instant::now();
-                catalog.state().noted_during_listing = Some(BTreeSet::new());
+                let _under_way = ListingUnderWay::start(&catalog);
                 crate::metrics::metrics().catalog_listings.inc();
                 let listed = list.await;
                 catalog.keep(started, listed)
@@ -130,7 +168,8 @@ impl Catalog {
                 max = MAX_REPOSITORIES,
                 "too many repositories to keep the catalog in memory; listing per request"
             );
-            *state = State::default();
+            state.names = BTreeSet::new();
+            state.listed_at = None;
         }
         Ok(Arc::new(names))
     }
@@ -189,6 +228,32 @@ mod tests {
 
     fn names(list: &[&str]) -> BTreeSet<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A listing that overruns its deadline is no longer under way, so
+    /// the dashboard's background relisting starts again; one that ends
+    /// keeps the names noted meanwhile.
+    #[tokio::test]
+    async fn a_listing_ends_under_way_however_it_ends() {
+        let catalog = Arc::new(Catalog::with_listing_deadline(Duration::from_millis(50)));
+        let overran = catalog.relist(std::future::pending()).await;
+        assert!(overran.is_err());
+        assert!(
+            !catalog.listing(),
+            "a listing past its deadline still under way"
+        );
+
+        let noting = Arc::clone(&catalog);
+        let listed = catalog
+            .relist(async move {
+                assert!(noting.listing());
+                noting.note("noted/meanwhile");
+                Ok(names(&["listed"]))
+            })
+            .await
+            .unwrap();
+        assert_eq!(*listed, names(&["listed", "noted/meanwhile"]));
+        assert!(!catalog.listing());
     }
 
     #[test]
