@@ -189,7 +189,7 @@ async fn ls_du_gc_describe_and_collect_the_cache() {
     // the lock file no longer held.
     let abandoned = cache.join("staging").join("1-0-abandoned");
     std::fs::create_dir_all(&abandoned).unwrap();
-    std::fs::write(abandoned.join("owner.lock"), b"").unwrap();
+    std::fs::write(abandoned.join(kura::storage::staging::LOCK_FILE), b"").unwrap();
     std::fs::write(abandoned.join("download"), b"never committed").unwrap();
     let real = ok(kura(&cache, &upstream, &["gc"], &expire), "gc");
     assert!(real.contains("freed"), "{real}");

@@ -7,8 +7,8 @@
 //! retries in a loop and a flood of them must not occupy the blocking pool
 //! that downloads write and hash on: at most [`CONCURRENT_CHECKS`] bcrypt
 //! checks run at once (the rest wait on the async side, each holding only
-//! its connection), and the last [`MAX_REFUSED`] refused credentials are
-//! refused again without bcrypt.
+//! its connection), and refused credentials (up to [`MAX_REFUSED`], the
+//! set emptied when full) are refused again without bcrypt.
 //!
 //! A user the file does not name costs the same bcrypt check as a wrong
 //! password (against another user's hash), so the time of a refusal does

@@ -1,6 +1,8 @@
 //! `kura ls`, `du`, `gc` and `verify`: read-mostly tools over a cache
 //! directory, safe to run next to serving Kuras: their storage is never
-//! opened to write, so they have no staging and never touch any.
+//! opened to write, so they have no staging of their own; `gc` only
+//! sweeps the staging of processes that are gone, as a starting server
+//! does.
 
 use std::time::SystemTime;
 

@@ -81,10 +81,6 @@ impl S3Server {
         }
     }
 
-    pub fn implementation(&self) -> S3Impl {
-        self.implementation
-    }
-
     /// Freezes the server (SIGSTOP): connections are accepted by the
     /// kernel but nothing answers, as with a bucket that stalls.
     pub fn pause(&self) {
