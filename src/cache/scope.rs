@@ -8,6 +8,7 @@ use super::{Cache, storage_error};
 use crate::api::error::{ApiError, ErrorCode};
 use crate::gc::References;
 use crate::reference::{Digest, MAX_MANIFEST_BYTES, RepoName};
+use crate::storage::blobs::Budgeted;
 
 /// The most cached manifests of one repository read per request: a pull
 /// links a handful (an index and its platforms); past this bound the
@@ -37,16 +38,14 @@ impl Cache {
             if budget == 0 {
                 break;
             }
-            let limit = budget.min(MAX_MANIFEST_BYTES);
-            let Some(bytes) = self
+            let read = self
                 .storage
-                .read_blob_within(&manifest, limit)
+                .read_blob_budgeted(&manifest, MAX_MANIFEST_BYTES, &mut budget)
                 .await
-                .map_err(storage_error)?
-            else {
+                .map_err(storage_error)?;
+            let Budgeted::Read(bytes) = read else {
                 continue;
             };
-            budget -= bytes.len();
             // Not its `subject`: an artifact naming a digest learnt
             // elsewhere as its subject must not open that blob here.
             let mut held = References::of(&bytes).held;

@@ -34,6 +34,7 @@ use crate::metrics::{
 };
 use crate::reference::{Digest, RepoName, Tag};
 use crate::storage::Storage;
+use crate::storage::blobs::Budgeted;
 use crate::storage::catalog::Age;
 
 /// Entries per page when the request does not say.
@@ -316,8 +317,8 @@ async fn tag_line(
         .await
         .map_err(storage_error)?
     {
-        manifest::Stored::Read(bytes) => Some(manifest::summary(&bytes)),
-        manifest::Stored::Skipped | manifest::Stored::Missing => None,
+        Budgeted::Read(bytes) => Some(manifest::summary(&bytes)),
+        Budgeted::Skipped | Budgeted::Missing => None,
     };
     let last_pulled = storage
         .last_use(&link.digest, &HashMap::new())
@@ -345,9 +346,9 @@ async fn manifest_detail(d: &Dashboard, name: &str, digest: &str) -> Result<Resp
         Some(_) => manifest::read(&storage, &digest, &mut budget)
             .await
             .map_err(storage_error)?,
-        None => manifest::Stored::Missing,
+        None => Budgeted::Missing,
     };
-    let manifest::Stored::Read(bytes) = stored else {
+    let Budgeted::Read(bytes) = stored else {
         return Err(ApiError::new(
             ErrorCode::ManifestUnknown,
             "this manifest is not cached for this repository",

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::reference::{Digest, MAX_MANIFEST_BYTES};
 use crate::storage::Storage;
+use crate::storage::blobs::Budgeted;
 
 /// Descriptors (layers, platforms) listed per manifest in a drill-down;
 /// past it the answer says `truncated`.
@@ -91,34 +92,12 @@ pub struct Detail {
 /// manifest's summary and platforms without their size.
 pub const REQUEST_BUDGET: usize = 16 << 20;
 
-/// What [`read`] found of a manifest.
-pub enum Stored {
-    Missing,
-    /// Stored, but larger than the manifest limit or what the request had
-    /// left to read: not read (beyond the probe that found it too large).
-    Skipped,
-    Read(Vec<u8>),
-}
-
 /// A stored manifest, read if it fits the manifest limit and `budget`
-/// (what the request has left to read): every byte read, the probe of a
-/// manifest found too large included, is taken from `budget`.
-pub async fn read(storage: &Storage, digest: &Digest, budget: &mut usize) -> io::Result<Stored> {
-    let limit = (*budget).min(MAX_MANIFEST_BYTES);
-    if limit > 0
-        && let Some(bytes) = storage.read_blob_within(digest, limit).await?
-    {
-        *budget -= bytes.len();
-        return Ok(Stored::Read(bytes));
-    }
-    Ok(match storage.blob_size(digest).await? {
-        None => Stored::Missing,
-        Some(_) => {
-            // The read took up to `limit + 1` bytes to find it too large.
-            *budget = budget.saturating_sub(limit + 1);
-            Stored::Skipped
-        }
-    })
+/// (what the request has left to read).
+pub async fn read(storage: &Storage, digest: &Digest, budget: &mut usize) -> io::Result<Budgeted> {
+    storage
+        .read_blob_budgeted(digest, MAX_MANIFEST_BYTES, budget)
+        .await
 }
 
 fn parse(bytes: &[u8]) -> Parsed {
@@ -203,9 +182,9 @@ async fn platform_entry(
         });
     };
     let (cached, image_size) = match read(storage, &digest, budget).await? {
-        Stored::Read(bytes) => (true, image_size(&parse(&bytes))),
-        Stored::Skipped => (true, None),
-        Stored::Missing => (false, None),
+        Budgeted::Read(bytes) => (true, image_size(&parse(&bytes))),
+        Budgeted::Skipped => (true, None),
+        Budgeted::Missing => (false, None),
     };
     Ok(Entry {
         descriptor: descriptor.clone(),

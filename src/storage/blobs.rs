@@ -25,6 +25,15 @@ pub enum CommitError {
     Io(#[from] io::Error),
 }
 
+/// What [`Storage::read_blob_budgeted`] found of a blob.
+pub enum Budgeted {
+    Missing,
+    /// Stored, but larger than the limit or what the budget had left: not
+    /// read beyond the probe that found it too large.
+    Skipped,
+    Read(Vec<u8>),
+}
+
 /// See [`Storage::serve_blob`]; both carry the blob's size.
 pub enum ServedBlob {
     Here(ObjectReader, u64),
@@ -107,6 +116,33 @@ impl Storage {
         limit: usize,
     ) -> io::Result<Option<Vec<u8>>> {
         self.objects.read_within(&blob_key(digest), limit).await
+    }
+
+    /// A stored blob of at most `limit` bytes (a manifest), read within
+    /// `budget`, what a request has left to read: every byte read is taken
+    /// from it, the probe of a blob found too large included, so what one
+    /// request reads stays within what it started with.
+    pub async fn read_blob_budgeted(
+        &self,
+        digest: &Digest,
+        limit: usize,
+        budget: &mut usize,
+    ) -> io::Result<Budgeted> {
+        let within = limit.min(*budget);
+        if within == 0 {
+            return Ok(match self.blob_size(digest).await? {
+                Some(_) => Budgeted::Skipped,
+                None => Budgeted::Missing,
+            });
+        }
+        let Some(bytes) = self.objects.read_probe(&blob_key(digest), within).await? else {
+            return Ok(Budgeted::Missing);
+        };
+        *budget = budget.saturating_sub(bytes.len());
+        Ok(match bytes.len() > within {
+            true => Budgeted::Skipped,
+            false => Budgeted::Read(bytes),
+        })
     }
 
     /// Every committed blob with its size and modification time.
@@ -481,6 +517,44 @@ mod tests {
         assert_eq!(storage.blob_size(&digest).await.unwrap(), None);
         assert!(!path.exists());
         assert_eq!(storage.blob_size(&empty_digest).await.unwrap(), Some(0));
+    }
+
+    /// A request's budget pays for every byte read, the probe of a blob
+    /// too large included; a missing blob costs nothing.
+    #[tokio::test]
+    async fn budgeted_reads_take_every_byte_read_from_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::local(dir.path()).open().await.unwrap();
+        let (small, large) = (vec![1u8; 100], vec![2u8; 1000]);
+        let (small_digest, large_digest) = (Digest::of_bytes(&small), Digest::of_bytes(&large));
+        storage.put_blob_bytes(&small_digest, &small).await.unwrap();
+        storage.put_blob_bytes(&large_digest, &large).await.unwrap();
+        let missing = Digest::of_bytes(b"never stored");
+
+        let mut budget = 600;
+        let read = storage
+            .read_blob_budgeted(&small_digest, 500, &mut budget)
+            .await
+            .unwrap();
+        assert!(matches!(read, Budgeted::Read(bytes) if bytes == small));
+        assert_eq!(budget, 500);
+        let read = storage
+            .read_blob_budgeted(&missing, 500, &mut budget)
+            .await
+            .unwrap();
+        assert!(matches!(read, Budgeted::Missing));
+        assert_eq!(budget, 500, "a missing blob cost something");
+        let read = storage
+            .read_blob_budgeted(&large_digest, 500, &mut budget)
+            .await
+            .unwrap();
+        assert!(matches!(read, Budgeted::Skipped));
+        assert_eq!(budget, 0, "the probe of a blob too large was free");
+        let read = storage
+            .read_blob_budgeted(&small_digest, 500, &mut budget)
+            .await
+            .unwrap();
+        assert!(matches!(read, Budgeted::Skipped), "read past the budget");
     }
 
     /// Two processes sharing a directory downloaded the same blob: each

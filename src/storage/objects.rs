@@ -151,6 +151,13 @@ impl Objects {
     /// The object's bytes if it holds at most `limit` of them; `None` when
     /// it is missing or larger. Never reads more than `limit + 1` bytes.
     pub async fn read_within(&self, key: &str, limit: usize) -> io::Result<Option<Vec<u8>>> {
+        let bytes = self.read_probe(key, limit).await?;
+        Ok(bytes.filter(|bytes| bytes.len() <= limit))
+    }
+
+    /// The object's first `limit + 1` bytes (all of them when it holds at
+    /// most `limit`: more means it is larger); `None` when it is missing.
+    pub async fn read_probe(&self, key: &str, limit: usize) -> io::Result<Option<Vec<u8>>> {
         let probe = limit as u64 + 1;
         let bytes = match self {
             Objects::Fs { root } => {
@@ -169,7 +176,7 @@ impl Objects {
             }
             Objects::S3 { op, .. } => not_found_as_none(read_prefix(op, key, probe).await)?,
         };
-        Ok(bytes.filter(|bytes| bytes.len() <= limit))
+        Ok(bytes)
     }
 
     /// Writes a whole small object; readers see the old version or the new
