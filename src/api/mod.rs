@@ -1,7 +1,7 @@
 //! The HTTP surface: the read side of the OCI Distribution API.
 //!
 //! Every request goes through [`dispatch`], which checks a Bearer token's
-//! grants with `auth.token` ([`token_refusal`]), establishes who the
+//! grants with `auth.token` ([`token_gate`]), establishes who the
 //! client is ([`crate::auth::Gate::identify`]), recognises the route
 //! ([`route`]), validates names/references/digests ([`crate::reference`])
 //! before anything touches storage, asks the gate whether the client may
@@ -30,7 +30,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::auth::token::{HostSeen, Scope};
+use crate::auth::token::{Grant, HostSeen, Scope};
 use crate::auth::{Gate, Identity};
 use crate::metrics::{RequestLabels, RouteLabels, metrics};
 use crate::reference::{Digest, DigestError, Reference, RepoName};
@@ -121,10 +121,13 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
     // Only the head is read (the API takes no bodies), and unlike the
     // request it can be held across awaits.
     let (head, _) = request.into_parts();
-    if let Some(refusal) = token_refusal(&state.gate, &state.registries, &head).await {
-        return refusal;
-    }
-    let response = match state.gate.identify(&head.headers).await {
+    let identity = match token_gate(&state.gate, &state.registries, &head).await {
+        Err(refusal) => return refusal,
+        // The token was checked (once) for the route's scope already.
+        Ok(Some(grant)) => Ok(state.gate.token_holder(&grant)),
+        Ok(None) => state.gate.identify(&head.headers).await,
+    };
+    let response = match identity {
         Ok(identity) => dispatch_as(&state, &identity, &head).await,
         Err(e) => e.into_response(),
     };
@@ -136,18 +139,27 @@ async fn dispatch(State(state): State<AppState>, request: Request) -> Response {
 /// it answers: 401 `UNAUTHORIZED` with a Bearer challenge naming the scope,
 /// `error="invalid_token"` or `"insufficient_scope"` when a token was
 /// sent, and the access asked for as `detail`. Access rules then apply to
-/// what passes.
-async fn token_refusal(gate: &Gate, registries: &Registries, head: &Parts) -> Option<Response> {
-    let token = gate.token()?;
+/// what passes, whose grant this returns (`None` without `auth.token`).
+async fn token_gate(
+    gate: &Gate,
+    registries: &Registries,
+    head: &Parts,
+) -> Result<Option<Arc<Grant>>, Response> {
+    let Some(token) = gate.token() else {
+        return Ok(None);
+    };
     let ns = namespace_param(head.uri.query().unwrap_or(""));
     let needed = required_scope(head.uri.path(), |name| {
         registries.token_name(name, ns.as_deref())
     });
     let authorization = head.headers.get(header::AUTHORIZATION);
-    let rejection = token
+    let rejection = match token
         .check(authorization.map(HeaderValue::as_bytes), needed.as_ref())
         .await
-        .err()?;
+    {
+        Ok(grant) => return Ok(Some(grant)),
+        Err(rejection) => rejection,
+    };
     let header_text = |name| head.headers.get(name).and_then(|h| h.to_str().ok());
     let host = HostSeen {
         host: header_text(header::HOST).or_else(|| head.uri.authority().map(|a| a.as_str())),
@@ -164,7 +176,7 @@ async fn token_refusal(gate: &Gate, registries: &Registries, head: &Parts) -> Op
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, value);
     }
-    Some(response)
+    Err(response)
 }
 
 /// What a token must grant for a path, as Distribution asks: pull on the
@@ -446,16 +458,10 @@ async fn require_login(gate: Arc<Gate>, mut request: Request, next: Next) -> Res
     if path.starts_with("/v2") || matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return next.run(request).await;
     }
-    let identity = match gate.identify(request.headers()).await {
-        Ok(identity) => match gate.check_base(&identity) {
-            Ok(()) => gate
-                .check_listing(request.headers())
-                .await
-                .map(|()| identity),
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
-    };
+    let identity = gate
+        .identify_for_listing(request.headers())
+        .await
+        .and_then(|identity| gate.check_base(&identity).map(|()| identity));
     match identity {
         Ok(identity) => {
             request.extensions_mut().insert(identity);

@@ -9,7 +9,7 @@
 //!   `auth.token` ([`token`]) instead, a valid Bearer token is required and
 //!   its subject is the user, with the groups of its groups claim and of
 //!   the groups file; the token's own `access` claim is enforced before
-//!   the gate, as Distribution enforces it (`api::token_refusal`), so
+//!   the gate, as Distribution enforces it (`api::token_gate`), so
 //!   access rules can only narrow what a token grants.
 //! - Authorization is decided in [`Gate::may_pull`], for a repository
 //!   named `<registry>/<repository>` as the access rules name it
@@ -46,7 +46,7 @@ use blob_scope::BlobScope;
 use groups::Groups;
 use htpasswd::Htpasswd;
 use rules::Rules;
-use token::{Scope, TokenAuth};
+use token::{Grant, Scope, TokenAuth};
 use watched::WatchedFile;
 
 /// Who sent a request: plain data, whoever established it.
@@ -125,7 +125,7 @@ impl Gate {
     /// credentials that are wrong (or that Kura cannot check).
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Identity, ApiError> {
         if let Some(token) = &self.token {
-            return self.token_identity(token, headers).await;
+            return self.token_identity(token, headers, None).await;
         }
         let Some(htpasswd) = &self.htpasswd else {
             // Nothing to log in to: whatever a client sends (Docker sends
@@ -157,14 +157,22 @@ impl Gate {
         &self,
         token: &Arc<TokenAuth>,
         headers: &HeaderMap,
+        needed: Option<&Scope>,
     ) -> Result<Identity, ApiError> {
         let authorization = headers
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
         let grant = token
-            .check(authorization, None)
+            .check(authorization, needed)
             .await
             .map_err(|_| unauthenticated())?;
+        Ok(self.token_holder(&grant))
+    }
+
+    /// Who a token checked already speaks for: its subject (an empty one:
+    /// anonymous), with the groups of its groups claim and of the groups
+    /// file.
+    pub fn token_holder(&self, grant: &Grant) -> Identity {
         let user = (!grant.subject.is_empty()).then(|| grant.subject.clone());
         let mut groups = grant.groups.clone();
         if let Some(user) = &user {
@@ -172,26 +180,22 @@ impl Gate {
         }
         groups.sort();
         groups.dedup();
-        Ok(Identity { user, groups })
+        Identity { user, groups }
     }
 
-    /// For pages that list repositories (the dashboard, the warming
-    /// status): with `auth.token`, a token granting what `/v2/_catalog`
-    /// needs, `registry:catalog:*` (any valid token lets a client in, but
-    /// one that grants a single repository must not list them all). Rules
-    /// then narrow the listing as for anyone.
-    pub async fn check_listing(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(token) = &self.token else {
-            return Ok(());
-        };
-        let authorization = headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes);
-        token
-            .check(authorization, Some(&Scope::catalog()))
-            .await
-            .map(drop)
-            .map_err(|_| unauthenticated())
+    /// [`Self::identify`] for pages that list repositories (the dashboard,
+    /// the warming status): with `auth.token`, the token must grant what
+    /// `/v2/_catalog` needs, `registry:catalog:*` (any valid token lets a
+    /// client in, but one that grants a single repository must not list
+    /// them all). Rules then narrow the listing as for anyone.
+    pub async fn identify_for_listing(&self, headers: &HeaderMap) -> Result<Identity, ApiError> {
+        match &self.token {
+            Some(token) => {
+                self.token_identity(token, headers, Some(&Scope::catalog()))
+                    .await
+            }
+            None => self.identify(headers).await,
+        }
     }
 
     /// `auth.token`'s checker, for the registry API's token gate.

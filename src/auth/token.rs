@@ -229,7 +229,8 @@ impl TokenAuth {
     }
 
     /// The grant of the `Authorization` header's token, if it is valid and
-    /// grants `needed` (`None`: any valid token will do).
+    /// grants `needed` (`None`: any valid token will do), checked here and
+    /// now (the tools and the fuzz target; requests use [`Self::check`]).
     pub fn authorize(
         &self,
         authorization: Option<&[u8]>,
@@ -239,55 +240,42 @@ impl TokenAuth {
             .and_then(bearer_token)
             .ok_or(Rejection::TokenRequired)?;
         let grant = self.verify(token).ok_or(Rejection::InvalidToken)?;
-        match needed {
-            Some(scope) if !grant.allows(scope) => Err(Rejection::InsufficientScope),
-            _ => Ok(grant),
-        }
+        scoped(grant, needed)
     }
 
-    /// [`Self::authorize`] for request handlers: a token that needs no
-    /// signature check (remembered, missing, oversized) is answered at
-    /// once; any other is checked on the blocking pool, at most
-    /// [`CONCURRENT_CHECKS`] at a time. Requests with one new token (a
-    /// client pulling layers at once) queue, and the first check settles
-    /// the others.
+    /// [`Self::authorize`] for request handlers: the token is hashed and
+    /// looked up once; a token not remembered is checked on the blocking
+    /// pool, at most [`CONCURRENT_CHECKS`] at a time. Requests with one
+    /// new token (a client pulling layers at once) queue, and the first
+    /// check settles the others.
     pub async fn check(
         self: &Arc<Self>,
         authorization: Option<&[u8]>,
         needed: Option<&Scope>,
     ) -> Result<Arc<Grant>, Rejection> {
-        if authorization
+        let token = authorization
             .and_then(bearer_token)
-            .is_none_or(|token| self.decided_unchecked(token))
-        {
-            return self.authorize(authorization, needed);
-        }
-        let Ok(check) = Arc::clone(&self.checks).acquire_owned().await else {
-            return Err(Rejection::InvalidToken);
-        };
-        let (this, authorization, needed) = (
-            Arc::clone(self),
-            authorization.map(<[u8]>::to_vec),
-            needed.cloned(),
-        );
-        tokio::task::spawn_blocking(move || {
-            let _check = check;
-            this.authorize(authorization.as_deref(), needed.as_ref())
-        })
-        .await
-        .unwrap_or(Err(Rejection::InvalidToken))
+            .ok_or(Rejection::TokenRequired)?;
+        let grant = self
+            .verify_off_thread(token)
+            .await
+            .ok_or(Rejection::InvalidToken)?;
+        scoped(grant, needed)
     }
 
-    /// Whether `token` is decided without a signature check: too long to
-    /// be read, or remembered as verified.
-    fn decided_unchecked(&self, token: &str) -> bool {
-        token.len() > MAX_TOKEN_BYTES || {
-            let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-            let keys = self.current_keys();
-            self.lock_cache()
-                .get(&fingerprint, &keys, SystemTime::now())
-                .is_some()
+    async fn verify_off_thread(self: &Arc<Self>, token: &str) -> Option<Arc<Grant>> {
+        let (fingerprint, keys) = self.lookup_key(token)?;
+        if let Some(grant) = self.cached(&fingerprint, &keys) {
+            return Some(grant);
         }
+        let check = Arc::clone(&self.checks).acquire_owned().await.ok()?;
+        let (this, token) = (Arc::clone(self), token.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let _check = check;
+            this.verify_keyed(&token, fingerprint, &keys)
+        })
+        .await
+        .ok()?
     }
 
     /// `WWW-Authenticate` for a rejection, as Distribution words it. With
@@ -320,16 +308,34 @@ impl TokenAuth {
 
     /// The grant of a valid token: from the cache, or verified now.
     fn verify(&self, token: &str) -> Option<Arc<Grant>> {
-        if token.len() > MAX_TOKEN_BYTES {
-            return None;
-        }
-        let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let keys = self.current_keys();
-        let now = SystemTime::now();
-        if let Some(grant) = self.lock_cache().get(&fingerprint, &keys, now) {
+        let (fingerprint, keys) = self.lookup_key(token)?;
+        self.verify_keyed(token, fingerprint, &keys)
+    }
+
+    /// What a token is remembered by (its sha256, and the keys it would be
+    /// checked with); `None` for a token too long to be read at all.
+    fn lookup_key(&self, token: &str) -> Option<([u8; 32], KeyRing)> {
+        (token.len() <= MAX_TOKEN_BYTES)
+            .then(|| (Sha256::digest(token.as_bytes()).into(), self.current_keys()))
+    }
+
+    fn cached(&self, fingerprint: &[u8; 32], keys: &KeyRing) -> Option<Arc<Grant>> {
+        self.lock_cache().get(fingerprint, keys, SystemTime::now())
+    }
+
+    /// The grant of a token from the cache (another request may have just
+    /// checked it), or checked now and remembered.
+    fn verify_keyed(
+        &self,
+        token: &str,
+        fingerprint: [u8; 32],
+        keys: &KeyRing,
+    ) -> Option<Arc<Grant>> {
+        if let Some(grant) = self.cached(&fingerprint, keys) {
             return Some(grant);
         }
-        let (grant, valid_until) = match self.verify_uncached(token, &keys, now) {
+        let now = SystemTime::now();
+        let (grant, valid_until) = match self.verify_uncached(token, keys, now) {
             Ok(verified) => verified,
             Err(reason) => {
                 tracing::debug!(reason, "bearer token refused");
@@ -338,7 +344,7 @@ impl TokenAuth {
         };
         let grant = Arc::new(grant);
         self.lock_cache()
-            .insert(fingerprint, Arc::clone(&grant), &keys, valid_until, now);
+            .insert(fingerprint, Arc::clone(&grant), keys, valid_until, now);
         Some(grant)
     }
 
@@ -372,6 +378,14 @@ impl TokenAuth {
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, TokenCache> {
         self.cache.lock().expect("token cache lock")
+    }
+}
+
+/// `grant` if it holds `needed` (`None`: any valid token will do).
+fn scoped(grant: Arc<Grant>, needed: Option<&Scope>) -> Result<Arc<Grant>, Rejection> {
+    match needed {
+        Some(scope) if !grant.allows(scope) => Err(Rejection::InsufficientScope),
+        _ => Ok(grant),
     }
 }
 
@@ -1103,7 +1117,11 @@ mod tests {
         // the new token long before this.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let new_token = new.strip_prefix("Bearer ").unwrap();
-        assert!(!auth.decided_unchecked(new_token), "checked past the bound");
+        let (fingerprint, keys) = auth.lookup_key(new_token).unwrap();
+        assert!(
+            auth.cached(&fingerprint, &keys).is_none(),
+            "checked past the bound"
+        );
         drop(running);
         assert!(waiting.await.unwrap().is_ok());
     }
