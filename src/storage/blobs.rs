@@ -434,14 +434,14 @@ fn write_parts(writer: &mut Writer, parts: &[Bytes], mut offset: u64) -> io::Res
             let take = (parts[part].len() - within).min(FILE_WRITE - gathered);
             let slice = &parts[part][within..within + take];
             writer.hasher.update(slice);
-            slices.push(slice);
+            slices.push(io::IoSlice::new(slice));
             gathered += take;
             within += take;
             if within == parts[part].len() {
                 (part, within) = (part + 1, 0);
             }
         }
-        write_all_at(&writer.file, &slices, offset)?;
+        write_all_at(&writer.file, &mut slices, offset)?;
         offset += gathered as u64;
     }
     Ok(())
@@ -449,35 +449,20 @@ fn write_parts(writer: &mut Writer, parts: &[Bytes], mut offset: u64) -> io::Res
 
 /// Writes `slices` in order at `offset`: one `pwritev`, more only after a
 /// short write.
-fn write_all_at(file: &std::fs::File, mut slices: &[&[u8]], mut offset: u64) -> io::Result<()> {
-    // How much of the first slice is already written.
-    let mut done = 0;
-    loop {
-        while let Some(first) = slices.first()
-            && done == first.len()
-        {
-            (slices, done) = (&slices[1..], 0);
-        }
-        let Some(first) = slices.first() else {
-            return Ok(());
-        };
-        let iov: Vec<io::IoSlice> = std::iter::once(&first[done..])
-            .chain(slices[1..].iter().copied())
-            .map(io::IoSlice::new)
-            .collect();
-        let mut n = rustix::io::pwritev(file, &iov, offset)?;
+fn write_all_at(
+    file: &std::fs::File,
+    mut slices: &mut [io::IoSlice<'_>],
+    mut offset: u64,
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        let n = rustix::io::pwritev(file, slices, offset)?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         offset += n as u64;
-        while n > 0 {
-            let step = (slices[0].len() - done).min(n);
-            (n, done) = (n - step, done + step);
-            if done == slices[0].len() {
-                (slices, done) = (&slices[1..], 0);
-            }
-        }
+        io::IoSlice::advance_slices(&mut slices, n);
     }
+    Ok(())
 }
 
 impl Drop for StagedBlob {
