@@ -185,7 +185,7 @@ impl Cache {
         digest: &Digest,
     ) -> Result<BlobBody, ApiError> {
         let state = progress
-            .wait_for(|p| !matches!(p, Progress::Connecting))
+            .wait_for(|p| !matches!(p, Progress::Queued | Progress::Connecting))
             .await
             .map(|p| p.clone())
             .unwrap_or_else(|_| Progress::Failed(ApiError::internal("download vanished")));
@@ -194,7 +194,7 @@ impl Cache {
             Progress::Complete { .. } => return self.committed_or_gone(digest).await,
             Progress::PassThrough => return self.pass_through(name, digest).await,
             Progress::Streaming { total, staging, .. } => (total, staging),
-            Progress::Connecting => unreachable!("waited for a later state"),
+            Progress::Queued | Progress::Connecting => unreachable!("waited for a later state"),
         };
         match std::fs::File::open(&staging) {
             Ok(file) => Ok(BlobBody {

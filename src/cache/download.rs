@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -45,7 +45,9 @@ const RECENT_BYTES: usize = 4 << 20;
 /// How far a shared download has got.
 #[derive(Clone)]
 pub(super) enum Progress {
-    /// Waiting for admission or for the upstream's answer.
+    /// Waiting for a download turn.
+    Queued,
+    /// Has its turn; waiting for the upstream's (or owner's) answer.
     Connecting,
     Streaming {
         staging: Arc<Path>,
@@ -124,15 +126,13 @@ struct InFlight {
 
 /// What a download's task reports as it goes, shared with its map entry:
 /// its progress (each follower holds a receiver, so the receivers are its
-/// followers), the bytes received and whether it has its turn.
+/// followers) and the bytes received.
 #[derive(Clone)]
 struct Reports {
     progress: Arc<watch::Sender<Progress>>,
     /// Bytes received from upstream so far (the followers' `readable`
     /// moves by whole batches; this by every chunk).
     received: Arc<AtomicU64>,
-    /// The download has its turn (it may still be connecting).
-    admitted: Arc<AtomicBool>,
 }
 
 /// What the dashboard shows of a download in flight.
@@ -140,7 +140,8 @@ struct Reports {
 pub struct DownloadStatus {
     pub digest: String,
     pub repository: String,
-    /// `connecting` (waiting for a turn or the upstream's answer),
+    /// `queued` (waiting for a turn), `connecting` (waiting for the
+    /// upstream's answer),
     /// `streaming`, `committing` (verified; being stored) or `passthrough`.
     pub state: &'static str,
     pub received: u64,
@@ -179,7 +180,7 @@ impl Downloads {
     pub(super) fn would_wait(&self, digest: &Digest) -> bool {
         let in_flight = self.in_flight.lock().expect("downloads lock");
         match in_flight.get(digest) {
-            Some(download) => !download.reports.admitted.load(Ordering::Acquire),
+            Some(download) => matches!(*download.reports.progress.borrow(), Progress::Queued),
             None => self.admission.permits.available_permits() == 0,
         }
     }
@@ -212,6 +213,7 @@ impl Downloads {
 impl InFlight {
     fn status(&self, digest: &Digest) -> DownloadStatus {
         let (state, total) = match &*self.reports.progress.borrow() {
+            Progress::Queued => ("queued", None),
             Progress::Connecting => ("connecting", None),
             Progress::Streaming { total, .. } => ("streaming", *total),
             Progress::Complete { total } => ("committing", Some(*total)),
@@ -246,11 +248,10 @@ impl Cache {
             metrics().coalesced_waiters.inc();
             return download.reports.progress.subscribe();
         }
-        let (progress_tx, progress) = watch::channel(Progress::Connecting);
+        let (progress_tx, progress) = watch::channel(Progress::Queued);
         let reports = Reports {
             progress: Arc::new(progress_tx),
             received: Arc::default(),
-            admitted: Arc::default(),
         };
         in_flight.insert(
             digest.clone(),
@@ -296,7 +297,7 @@ impl Cache {
         // part buffers, so a failing bucket slows new cold downloads
         // down instead of piling up staging files.
         let _turn = self.downloads.admission.admit().await?;
-        reports.admitted.store(true, Ordering::Release);
+        progress.send_replace(Progress::Connecting);
         let _running = GaugeGuard::inc(&metrics().downloads_in_flight);
         // A download of this digest may have committed it between the
         // caller's look into storage and this one's start.

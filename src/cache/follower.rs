@@ -73,7 +73,7 @@ impl Follower {
     fn readable_now(&self) -> io::Result<(u64, Option<Bytes>)> {
         let limit = |readable: u64| self.end.map_or(readable, |end| readable.min(end));
         match &*self.progress.borrow() {
-            Progress::Connecting => Ok((0, None)),
+            Progress::Queued | Progress::Connecting => Ok((0, None)),
             Progress::Streaming {
                 readable, recent, ..
             } => {
