@@ -230,7 +230,8 @@ impl TokenAuth {
 
     /// The grant of the `Authorization` header's token, if it is valid and
     /// grants `needed` (`None`: any valid token will do), checked here and
-    /// now (the tools and the fuzz target; requests use [`Self::check`]).
+    /// now, without a runtime (unit tests and the fuzz target; requests use
+    /// [`Self::check`]).
     pub fn authorize(
         &self,
         authorization: Option<&[u8]>,
